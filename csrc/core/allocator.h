@@ -1,0 +1,114 @@
+// CachingAllocator: the thread-safe front of the core.
+//
+//   CachingAllocator
+//    ├── arenas_[k]: a Pool behind its own mutex. Size-class requests use the calling thread's
+//    │               arena; large requests all use arena 0 (Note [Arenas]).
+//    ├── owners_:    address -> (arena, Block*) for live allocations, sharded by address so that
+//    │               frees from different threads rarely meet on a lock.
+//    ├── budget_:    the global byte limit (max_bytes) shared by the arenas.
+//    └── trace_:     the event ring (trace.h), written only while recording.
+//
+// Note [Arenas]
+// -------------
+// Rationale: torch runs intra-op work on an OpenMP pool (2 threads here); one global lock would
+// serialise any allocation those threads make.  Approach: each thread is assigned an arena
+// round-robin on first use and takes only that arena's lock for small requests; a free locks the
+// arena that owns the block (found in owners_).  Large requests share arena 0, so large cached
+// blocks are not duplicated per thread (they are costly and rarely made off the main thread).
+// Limitation: statistics are kept per arena and summed; the summed peak is the sum of the arena
+// peaks, an upper bound of the true peak when several arenas are busy (exact with arenas=1).
+//
+// Note [Out of memory]
+// --------------------
+// A request that neither the cache nor the upstream (or the byte limit) can satisfy triggers one
+// retry: every arena releases its cached segments (num_alloc_retries), then the request runs again.
+// If it still fails, OutOfMemory is thrown with the allocator's state in the message
+// (num_ooms).  Nothing is left half-done, so the allocator keeps working afterwards.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "pool.h"
+#include "trace.h"
+
+namespace torchpool {
+
+struct AllocatorConfig {
+  PoolConfig pool;
+  size_t max_bytes = 0;        // 0: no limit
+  unsigned arenas = 1;
+  int32_t device = -1;         // -1: host; >= 0: device ordinal (messages and traces)
+  std::string device_name = "cpu";
+};
+
+class OutOfMemory : public std::runtime_error {
+ public:
+  OutOfMemory(const std::string& msg, size_t requested) : std::runtime_error(msg), requested_(requested) {}
+  size_t requested() const { return requested_; }
+
+ private:
+  size_t requested_;
+};
+
+class CachingAllocator {
+ public:
+  CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config);
+  ~CachingAllocator();
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // bytes == 0 returns nullptr. Throws OutOfMemory.
+  void* allocate(size_t bytes, uint64_t stream = 0);
+  // Returns false (and does nothing) when p was not allocated here.
+  bool free(void* p);
+  bool owns(const void* p) const;
+  // Size of the block and of the request behind a live pointer; {0, 0} if not owned.
+  std::pair<size_t, size_t> block_size(const void* p) const;
+
+  size_t empty_cache();
+  Stats stats() const;
+  void reset_peaks();
+  std::vector<SegmentView> snapshot() const;
+  std::string check() const;  // "" when every arena is valid
+  std::string describe(size_t requested) const;  // the state line used in OOM messages
+
+  TraceRing& trace() { return trace_; }
+  const AllocatorConfig& config() const { return config_; }
+  Upstream& upstream() { return *upstream_; }
+
+ private:
+  struct Arena {
+    std::mutex mu;
+    std::unique_ptr<Pool> pool;
+  };
+  struct Owner {
+    Block* block;
+    uint32_t arena;
+  };
+  static constexpr size_t kShards = 64;
+  struct alignas(64) Shard {
+    mutable std::mutex mu;
+    std::unordered_map<uintptr_t, Owner> map;
+  };
+
+  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> 58]; }
+  uint32_t arena_for(size_t bytes);
+  Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);
+
+  std::shared_ptr<Upstream> upstream_;
+  AllocatorConfig config_;
+  ReserveBudget budget_;
+  std::vector<std::unique_ptr<Arena>> arenas_;
+  mutable std::array<Shard, kShards> shards_;
+  TraceRing trace_;
+};
+
+std::string format_bytes(int64_t bytes);
+
+}  // namespace torchpool

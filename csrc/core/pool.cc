@@ -1,0 +1,520 @@
+#include "pool.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+#include <unordered_set>
+
+#include "debug.h"
+
+namespace torchpool {
+namespace {
+
+constexpr size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+constexpr size_t kLargeBuffer = 20u << 20;  // with max_split_bytes: slack accepted for oversize blocks
+
+bool is_pow2(size_t x) { return x && !(x & (x - 1)); }
+
+}  // namespace
+
+bool ReserveBudget::try_take(size_t n) {
+  size_t cur = taken_.load(std::memory_order_relaxed);
+  do {
+    if (max_bytes_ && cur + n > max_bytes_) return false;
+  } while (!taken_.compare_exchange_weak(cur, cur + n, std::memory_order_relaxed));
+  return true;
+}
+
+void ReserveBudget::give_back(size_t n) { taken_.fetch_sub(n, std::memory_order_relaxed); }
+size_t ReserveBudget::taken() const { return taken_.load(std::memory_order_relaxed); }
+
+Pool::Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget)
+    : upstream_(upstream), config_(config), budget_(budget) {
+  if (!is_pow2(config_.alignment) || config_.alignment < kClassQuantum)
+    throw std::invalid_argument("torchpool: alignment must be a power of two >= 64");
+  if (!is_pow2(upstream_.granularity()))
+    throw std::invalid_argument("torchpool: upstream granularity must be a power of two");
+  config_.large_rounding = std::max(round_up(config_.large_rounding, config_.alignment), config_.alignment);
+  config_.small_segment_bytes = round_up(std::max(config_.small_segment_bytes, kMaxClassBytes), upstream_.granularity());
+  config_.min_split_bytes = std::max(config_.min_split_bytes, config_.alignment);
+  for (uint32_t c = 0; c < kNumSizeClasses; ++c) {
+    uint32_t j = c;
+    while (j + 1 < kNumSizeClasses && class_bytes(j) % config_.alignment != 0) ++j;
+    aligned_class_[c] = j;
+  }
+}
+
+Pool::~Pool() {
+  while (segments_) {
+    Segment* s = segments_;
+    segments_ = s->next;
+    for (Block* b = s->first; b;) {
+      Block* n = b->next;
+      delete b;
+      b = n;
+    }
+    upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    if (budget_) budget_->give_back(s->size);
+    delete s;
+  }
+  for (Block* b : spare_blocks_) delete b;
+}
+
+Pool::FreeLists& Pool::lists(uint64_t stream) {
+  if (stream == last_stream_) return *last_lists_;
+  FreeLists& fl = streams_[stream];  // unordered_map references are stable
+  last_stream_ = stream;
+  last_lists_ = &fl;
+  return fl;
+}
+
+Pool::FreeSet& Pool::free_set(Block* b) {
+  FreeLists& fl = lists(b->segment->stream);
+  return b->segment->small ? fl.small_free : fl.large_free;
+}
+
+Block* Pool::new_block() {
+  if (spare_blocks_.empty()) return new Block();
+  Block* b = spare_blocks_.back();
+  spare_blocks_.pop_back();
+  *b = Block();
+  return b;
+}
+
+void Pool::delete_block(Block* b) { spare_blocks_.push_back(b); }
+
+// ---- accounting: the only place gauges change ------------------------------------------------
+
+void Pool::account_alloc(Block* b, size_t requested) {
+  b->state = Block::kAllocated;
+  b->requested = requested;
+  const auto size = static_cast<int64_t>(b->size);
+  stats_.allocated_bytes.add(size);
+  stats_.requested_bytes.add(static_cast<int64_t>(requested));
+  stats_.active_bytes.add(size);
+  stats_.allocation.add(1);
+  stats_.active.add(1);
+  if (b->cls >= 0) {
+    ClassStat& c = stats_.classes[b->cls];
+    c.allocated_blocks += 1;
+    c.peak_allocated_blocks = std::max(c.peak_allocated_blocks, c.allocated_blocks);
+    c.requested_bytes += static_cast<int64_t>(requested);
+  }
+}
+
+void Pool::account_free(Block* b) {
+  const auto size = static_cast<int64_t>(b->size);
+  stats_.allocated_bytes.sub(size);
+  stats_.requested_bytes.sub(static_cast<int64_t>(b->requested));
+  stats_.active_bytes.sub(size);
+  stats_.allocation.sub(1);
+  stats_.active.sub(1);
+  if (b->cls >= 0) {
+    ClassStat& c = stats_.classes[b->cls];
+    c.allocated_blocks -= 1;
+    c.requested_bytes -= static_cast<int64_t>(b->requested);
+  }
+  b->requested = 0;
+}
+
+void Pool::account_inactive(Block* b, int sign) {
+  const auto size = static_cast<int64_t>(b->size);
+  if (b->is_split()) {
+    if (sign > 0) {
+      stats_.inactive_split_bytes.add(size);
+      stats_.inactive_split.add(1);
+    } else {
+      stats_.inactive_split_bytes.sub(size);
+      stats_.inactive_split.sub(1);
+    }
+  }
+  if (b->state == Block::kCached) {
+    if (sign > 0) {
+      stats_.cached_class_bytes.add(size);
+    } else {
+      stats_.cached_class_bytes.sub(size);
+    }
+    stats_.classes[b->cls].cached_blocks += sign;
+  }
+}
+
+// ---- free structures ------------------------------------------------------------------------
+
+void Pool::erase_free(Block* b) {
+  TP_ASSERT(b->state == Block::kFree);
+  size_t n = free_set(b).erase(b);
+  TP_ASSERT(n == 1);
+  (void)n;
+  account_inactive(b, -1);
+}
+
+Block* Pool::insert_free(Block* b) {
+  b->state = Block::kFree;
+  b->cls = -1;
+  if (b->prev && b->prev->state == Block::kFree) {
+    Block* p = b->prev;
+    erase_free(p);
+    p->size += b->size;
+    p->next = b->next;
+    if (b->next) b->next->prev = p;
+    delete_block(b);
+    b = p;
+    stats_.num_merges++;
+  }
+  if (b->next && b->next->state == Block::kFree) {
+    Block* n = b->next;
+    erase_free(n);
+    b->size += n->size;
+    b->next = n->next;
+    if (n->next) n->next->prev = b;
+    delete_block(n);
+    stats_.num_merges++;
+  }
+  b->state = Block::kFree;
+  free_set(b).insert(b);
+  account_inactive(b, +1);
+  return b;
+}
+
+void Pool::park(Block* b) {
+  FreeLists& fl = lists(b->segment->stream);
+  b->state = Block::kCached;
+  b->list_prev = nullptr;
+  b->list_next = fl.class_head[b->cls];
+  if (b->list_next) b->list_next->list_prev = b;
+  fl.class_head[b->cls] = b;
+  fl.parked_bytes += b->size;
+  account_inactive(b, +1);
+}
+
+void Pool::unpark(Block* b) {
+  FreeLists& fl = lists(b->segment->stream);
+  account_inactive(b, -1);
+  if (b->list_prev) b->list_prev->list_next = b->list_next;
+  else fl.class_head[b->cls] = b->list_next;
+  if (b->list_next) b->list_next->list_prev = b->list_prev;
+  b->list_prev = b->list_next = nullptr;
+  fl.parked_bytes -= b->size;
+  b->state = Block::kFree;  // transient: the caller allocates or inserts it
+}
+
+void Pool::reclaim(FreeLists& fl) {
+  if (fl.parked_bytes == 0) return;
+  stats_.num_reclaims++;
+  std::vector<Segment*> touched;
+  for (uint32_t c = 0; c < kNumSizeClasses; ++c) {
+    while (Block* b = fl.class_head[c]) {
+      unpark(b);
+      Segment* s = b->segment;
+      insert_free(b);
+      touched.push_back(s);
+    }
+  }
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  for (Segment* s : touched) maybe_release(s);
+}
+
+// ---- segments -------------------------------------------------------------------------------
+
+Segment* Pool::map_segment(size_t bytes, uint64_t stream, bool small) {
+  if (budget_ && !budget_->try_take(bytes)) return nullptr;
+  void* p = upstream_.map(bytes, stream);
+  if (!p) {
+    if (budget_) budget_->give_back(bytes);
+    return nullptr;
+  }
+  auto* s = new Segment();
+  s->base = reinterpret_cast<uintptr_t>(p);
+  s->size = bytes;
+  s->stream = stream;
+  s->small = small;
+  s->id = next_segment_id_++;
+  s->next = segments_;
+  if (segments_) segments_->prev = s;
+  segments_ = s;
+  Block* b = new_block();
+  b->addr = s->base;
+  b->size = bytes;
+  b->segment = s;
+  s->first = b;
+  stats_.reserved_bytes.add(static_cast<int64_t>(bytes));
+  stats_.segment.add(1);
+  stats_.num_upstream_maps++;
+  insert_free(b);
+  if (listener_) listener_({true, s->base, s->size, stream});
+  return s;
+}
+
+bool Pool::segment_is_free(const Segment* s) const {
+  return s->first->state == Block::kFree && s->first->next == nullptr;
+}
+
+void Pool::unmap_segment(Segment* s) {
+  TP_ASSERT(segment_is_free(s));
+  erase_free(s->first);
+  delete_block(s->first);
+  if (s->prev) s->prev->next = s->next;
+  else segments_ = s->next;
+  if (s->next) s->next->prev = s->prev;
+  stats_.reserved_bytes.sub(static_cast<int64_t>(s->size));
+  stats_.segment.sub(1);
+  stats_.num_upstream_unmaps++;
+  if (listener_) listener_({false, s->base, s->size, s->stream});
+  upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+  if (budget_) budget_->give_back(s->size);
+  delete s;
+}
+
+void Pool::maybe_release(Segment* s) {
+  if (!segment_is_free(s)) return;
+  const auto cached = stats_.reserved_bytes.current - stats_.allocated_bytes.current;
+  if (static_cast<size_t>(cached) > config_.max_cached_bytes) unmap_segment(s);
+}
+
+size_t Pool::release_cached(size_t target_bytes) {
+  for (auto& [stream, fl] : streams_) {
+    (void)stream;
+    reclaim(fl);
+  }
+  size_t released = 0;
+  for (Segment* s = segments_; s && released < target_bytes;) {
+    Segment* next = s->next;
+    if (segment_is_free(s)) {
+      released += s->size;
+      unmap_segment(s);
+    }
+    s = next;
+  }
+  TP_ASSERT_EXPENSIVE(check());
+  return released;
+}
+
+// ---- allocation -----------------------------------------------------------------------------
+
+Block* Pool::split(Block* b, size_t size) {
+  TP_ASSERT(b->size > size);
+  Block* r = new_block();
+  r->addr = b->addr + size;
+  r->size = b->size - size;
+  r->segment = b->segment;
+  r->prev = b;
+  r->next = b->next;
+  if (b->next) b->next->prev = r;
+  b->next = r;
+  b->size = size;
+  stats_.num_splits++;
+  insert_free(r);
+  return b;
+}
+
+Block* Pool::find_free(FreeSet& set, size_t rounded) const {
+  Block key;
+  key.size = rounded;
+  key.addr = 0;
+  auto it = set.lower_bound(&key);
+  if (it == set.end()) return nullptr;
+  Block* b = *it;
+  if (config_.max_split_bytes != SIZE_MAX) {
+    if (rounded < config_.max_split_bytes && b->size >= config_.max_split_bytes) return nullptr;
+    if (rounded >= config_.max_split_bytes && b->size >= rounded + kLargeBuffer) return nullptr;
+  }
+  return b;
+}
+
+Block* Pool::allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bool small) {
+  (void)bytes;
+  FreeLists& fl = lists(stream);
+  FreeSet& set = small ? fl.small_free : fl.large_free;
+  Block* b = find_free(set, rounded);
+  if (!b && small && fl.parked_bytes >= config_.small_segment_bytes) {
+    reclaim(fl);  // Note [Parked class blocks]
+    b = find_free(set, rounded);
+  }
+  if (!b) {
+    const size_t gran = upstream_.granularity();
+    const size_t seg_bytes = small ? std::max(config_.small_segment_bytes, round_up(rounded, gran))
+                                   : round_up(rounded, gran);
+    Segment* s = map_segment(seg_bytes, stream, small);
+    if (!s) return nullptr;
+    b = s->first;
+  }
+  erase_free(b);
+  b->state = Block::kAllocated;  // not free while it is split, so the remainder does not merge back
+  const size_t min_rest = small ? config_.alignment : config_.min_split_bytes;
+  if (b->size - rounded >= min_rest && b->size - rounded > 0) split(b, rounded);
+  return b;
+}
+
+Block* Pool::allocate_class(uint32_t cls, size_t bytes, uint64_t stream) {
+  FreeLists& fl = lists(stream);
+  if (Block* b = fl.class_head[cls]) {
+    unpark(b);
+    stats_.num_class_hits++;
+    stats_.classes[cls].hits++;
+    account_alloc(b, bytes);
+    return b;
+  }
+  Block* b = allocate_best_fit(class_bytes(cls), bytes, stream, /*small=*/true);
+  if (!b) return nullptr;
+  stats_.num_class_misses++;
+  stats_.classes[cls].misses++;
+  b->cls = static_cast<int32_t>(cls);
+  account_alloc(b, bytes);
+  return b;
+}
+
+Block* Pool::allocate(size_t bytes, uint64_t stream) {
+  TP_ASSERT(bytes > 0);
+  const size_t rounded = round_up(bytes, config_.alignment);
+  Block* b;
+  if (rounded <= kMaxClassBytes && config_.size_classes) {
+    b = allocate_class(aligned_class_[class_of(rounded)], bytes, stream);
+  } else if (rounded <= kMaxClassBytes) {
+    b = allocate_best_fit(rounded, bytes, stream, /*small=*/true);
+    if (b) account_alloc(b, bytes);
+  } else {
+    b = allocate_best_fit(round_up(rounded, config_.large_rounding), bytes, stream, /*small=*/false);
+    if (b) {
+      stats_.num_large_allocs++;
+      account_alloc(b, bytes);
+    }
+  }
+  TP_ASSERT_EXPENSIVE(check());
+  return b;
+}
+
+void Pool::free(Block* b) {
+  TP_ASSERT(b->state == Block::kAllocated);
+  account_free(b);
+  if (b->cls >= 0) {
+    park(b);
+  } else {
+    Segment* s = b->segment;
+    insert_free(b);
+    maybe_release(s);
+  }
+  TP_ASSERT_EXPENSIVE(check());
+}
+
+// ---- introspection --------------------------------------------------------------------------
+
+Stats Pool::stats_with_derived() const {
+  Stats s = stats_;
+  int64_t largest = 0;
+  for (const auto& [stream, fl] : streams_) {
+    (void)stream;
+    if (!fl.small_free.empty()) largest = std::max<int64_t>(largest, (*fl.small_free.rbegin())->size);
+    if (!fl.large_free.empty()) largest = std::max<int64_t>(largest, (*fl.large_free.rbegin())->size);
+    for (int c = static_cast<int>(kNumSizeClasses) - 1; c >= 0; --c) {
+      if (fl.class_head[c]) {
+        largest = std::max<int64_t>(largest, class_bytes(c));
+        break;
+      }
+    }
+  }
+  s.largest_free_block = largest;
+  return s;
+}
+
+std::vector<SegmentView> Pool::snapshot() const {
+  std::vector<SegmentView> out;
+  for (const Segment* s = segments_; s; s = s->next) {
+    SegmentView v{s->base, s->size, s->stream, s->small, {}};
+    for (const Block* b = s->first; b; b = b->next) v.blocks.push_back({b->addr, b->size, b->requested, b->cls, b->state});
+    out.push_back(std::move(v));
+  }
+  std::sort(out.begin(), out.end(), [](const SegmentView& a, const SegmentView& b) { return a.base < b.base; });
+  return out;
+}
+
+std::string Pool::check() const {
+  std::ostringstream err;
+  auto fail = [&](const char* what, const Block* b) {
+    err << what;
+    if (b) err << " (block 0x" << std::hex << b->addr << std::dec << " size " << b->size << ")";
+    return err.str();
+  };
+  std::unordered_set<const Block*> parked;
+  for (const auto& [stream, fl] : streams_) {
+    size_t bytes = 0;
+    for (uint32_t c = 0; c < kNumSizeClasses; ++c) {
+      const Block* prev = nullptr;
+      for (const Block* b = fl.class_head[c]; b; b = b->list_next) {
+        if (b->list_prev != prev) return fail("class list back link broken", b);
+        if (b->state != Block::kCached) return fail("block on a class list is not parked", b);
+        if (b->cls != static_cast<int32_t>(c) || b->size != class_bytes(c)) return fail("parked block has the wrong class or size", b);
+        if (b->segment->stream != stream) return fail("parked block on another stream's list", b);
+        if (!parked.insert(b).second) return fail("block parked twice", b);
+        bytes += b->size;
+        prev = b;
+      }
+    }
+    if (bytes != fl.parked_bytes) return fail("parked_bytes disagrees with the class lists", nullptr);
+  }
+  Stats want;
+  size_t free_blocks = 0;
+  for (const Segment* s = segments_; s; s = s->next) {
+    if (s->first == nullptr || s->first->addr != s->base) return fail("segment does not start with its first block", s->first);
+    if (s->first->prev) return fail("first block has a predecessor", s->first);
+    if (s->next && s->next->prev != s) return fail("segment list back link broken", nullptr);
+    size_t total = 0;
+    for (const Block* b = s->first; b; b = b->next) {
+      if (b->segment != s) return fail("block points at another segment", b);
+      if (b->size == 0 || b->size % config_.alignment) return fail("block size is not a positive multiple of the alignment", b);
+      if (b->next && b->next->addr != b->addr + b->size) return fail("blocks not contiguous", b);
+      if (b->next && b->next->prev != b) return fail("block back link broken", b);
+      total += b->size;
+      const auto size = static_cast<int64_t>(b->size);
+      switch (b->state) {
+        case Block::kAllocated:
+          if (b->requested == 0 || b->requested > b->size) return fail("allocated block with bad requested size", b);
+          want.allocated_bytes.current += size;
+          want.requested_bytes.current += static_cast<int64_t>(b->requested);
+          want.allocation.current += 1;
+          break;
+        case Block::kCached:
+          if (!parked.count(b)) return fail("parked block missing from its class list", b);
+          want.cached_class_bytes.current += size;
+          break;
+        case Block::kFree: {
+          if (b->next && b->next->state == Block::kFree) return fail("two adjacent free blocks", b);
+          auto it = streams_.find(s->stream);
+          if (it == streams_.end()) return fail("free block of a stream without lists", b);
+          const FreeSet& set = s->small ? it->second.small_free : it->second.large_free;
+          if (!set.count(const_cast<Block*>(b))) return fail("free block missing from its free set", b);
+          ++free_blocks;
+          break;
+        }
+      }
+      if (b->state != Block::kAllocated && b->is_split()) {
+        want.inactive_split_bytes.current += size;
+        want.inactive_split.current += 1;
+      }
+    }
+    if (total != s->size) return fail("block sizes do not add up to the segment size", nullptr);
+    want.reserved_bytes.current += static_cast<int64_t>(s->size);
+    want.segment.current += 1;
+  }
+  size_t in_sets = 0;
+  for (const auto& [stream, fl] : streams_) in_sets += fl.small_free.size() + fl.large_free.size();
+  if (in_sets != free_blocks) return fail("free sets hold blocks that are not free in any segment", nullptr);
+#define TP_CHECK_GAUGE(name)                                                                   \
+  if (want.name.current != stats_.name.current) {                                              \
+    err << "gauge " #name " is " << stats_.name.current << " but the walk finds " << want.name.current; \
+    return err.str();                                                                          \
+  }
+  TP_CHECK_GAUGE(allocated_bytes)
+  TP_CHECK_GAUGE(requested_bytes)
+  TP_CHECK_GAUGE(reserved_bytes)
+  TP_CHECK_GAUGE(cached_class_bytes)
+  TP_CHECK_GAUGE(inactive_split_bytes)
+  TP_CHECK_GAUGE(inactive_split)
+  TP_CHECK_GAUGE(allocation)
+  TP_CHECK_GAUGE(segment)
+#undef TP_CHECK_GAUGE
+  if (stats_.active_bytes.current != stats_.allocated_bytes.current) return fail("active bytes differ from allocated bytes", nullptr);
+  return {};
+}
+
+}  // namespace torchpool

@@ -1,0 +1,219 @@
+// Pool: one arena of the caching allocator. Single-threaded; CachingAllocator (allocator.h) locks it.
+//
+// Map of the data structures
+// --------------------------
+//   Pool
+//    ├── segments_: intrusive list of Segment, each a range [base, base + size) from the upstream
+//    │     └── blocks: a doubly linked list in address order (Block::prev / Block::next)
+//    └── streams_: one FreeLists per stream id (device memory is reused on the stream that freed it)
+//          ├── class_head[c]: blocks of exactly class_bytes(c), parked unmerged ("cached")
+//          ├── small_free: free blocks inside small segments, ordered by (size, addr) for best fit
+//          └── large_free: free blocks inside large segments, ordered by (size, addr)
+//
+// Block states and invariants (checked by Pool::check(), the is_valid() walk)
+// ----------------------------------------------------------------------------
+//   kAllocated  handed out.  requested <= size.  Not on any free structure.
+//   kCached     freed, parked on class_head[cls] of its segment's stream.  size == class_bytes(cls).
+//               Never merged with neighbours until a reclaim (Note [Parked class blocks]).
+//   kFree       in exactly one of small_free / large_free of its segment's stream.
+//               No two kFree blocks are adjacent (they are merged on free).
+//   For every segment:  first->addr == base,  b->next->addr == b->addr + b->size,
+//                       sum(block sizes) == size.
+//   Gauges:  allocated_bytes == Σ size of kAllocated,  requested_bytes == Σ requested,
+//            reserved_bytes == Σ segment size,  cached_class_bytes == Σ size of kCached,
+//            inactive_split_bytes == Σ size of non-allocated blocks whose segment has > 1 block.
+//
+// Note [Parked class blocks]
+// --------------------------
+// Rationale: most tensors are small and their sizes repeat every step; an exact-size free list per
+// class makes reuse O(1) with no search and no split.  Approach: a small request is rounded up to its
+// class; a freed class block is parked on its class list instead of being merged.  A miss carves
+// one block of the class size best-fit from the small segments.  Limitation: parked blocks cannot
+// serve other sizes, which is external fragmentation.  Bound: before a miss maps a new small segment
+// it reclaims (merges every parked block of that stream back into free blocks) whenever the parked
+// bytes are at least one small segment; empty_cache() and the out-of-memory retry reclaim too.
+//
+// Note [Release policy]
+// ---------------------
+// Segments stay mapped while cached: reusing mapped, already faulted pages is where the speed over
+// glibc comes from (glibc unmaps large chunks and the kernel zeroes the pages again).  A segment is
+// returned to the upstream only when it is entirely free and (a) empty_cache() runs, (b) the cached
+// bytes (reserved - allocated) exceed Config::max_cached_bytes, or (c) an allocation would exceed
+// Config::max_bytes (the retry path).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "size_classes.h"
+#include "stats.h"
+#include "upstream.h"
+
+namespace torchpool {
+
+struct Segment;
+
+struct Block {
+  enum State : uint8_t { kFree, kCached, kAllocated };
+
+  uintptr_t addr = 0;
+  size_t size = 0;
+  size_t requested = 0;        // only while kAllocated
+  Segment* segment = nullptr;
+  Block* prev = nullptr;       // address-order neighbours in the segment
+  Block* next = nullptr;
+  Block* list_prev = nullptr;  // class list links while kCached
+  Block* list_next = nullptr;
+  int32_t cls = -1;            // size class, or -1 for a best-fit block
+  State state = kFree;
+
+  bool is_split() const { return prev != nullptr || next != nullptr; }
+};
+
+struct Segment {
+  uintptr_t base = 0;
+  size_t size = 0;
+  uint64_t stream = 0;
+  bool small = false;     // holds size-class blocks
+  Block* first = nullptr;
+  Segment* prev = nullptr;
+  Segment* next = nullptr;
+  uint64_t id = 0;
+};
+
+struct PoolConfig {
+  size_t alignment = 64;                    // every block size is a multiple (power of two >= 64)
+  bool size_classes = true;                 // false: small requests are best-fit too (for comparison)
+  size_t small_segment_bytes = 2u << 20;    // segments that hold size-class blocks
+  size_t large_rounding = 4096;             // large block sizes are rounded to this
+  size_t min_split_bytes = 4096;            // a large block is split only if the rest is at least this
+  size_t max_split_bytes = SIZE_MAX;        // free blocks above this are never split (PyTorch's max_split_size)
+  size_t max_cached_bytes = SIZE_MAX;       // Note [Release policy]
+};
+
+// Called when the pool maps or unmaps a segment (tracing); may be empty.
+struct SegmentEvent {
+  bool mapped;
+  uintptr_t base;
+  size_t size;
+  uint64_t stream;
+};
+
+// Shared by the arenas of one allocator: the byte limit is global.
+class ReserveBudget {
+ public:
+  explicit ReserveBudget(size_t max_bytes) : max_bytes_(max_bytes) {}
+  bool try_take(size_t n);
+  void give_back(size_t n);
+  size_t max_bytes() const { return max_bytes_; }
+  size_t taken() const;
+
+ private:
+  size_t max_bytes_;
+  alignas(64) std::atomic<size_t> taken_{0};
+};
+
+struct BlockView {  // one row of a snapshot
+  uintptr_t addr;
+  size_t size;
+  size_t requested;
+  int32_t cls;
+  Block::State state;
+};
+
+struct SegmentView {
+  uintptr_t base;
+  size_t size;
+  uint64_t stream;
+  bool small;
+  std::vector<BlockView> blocks;
+};
+
+class Pool {
+ public:
+  Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget = nullptr);
+  ~Pool();  // returns every segment to the upstream; live blocks become invalid
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  // Returns nullptr when the upstream or the budget refuses a new segment. bytes >= 1.
+  Block* allocate(size_t bytes, uint64_t stream = 0);
+  void free(Block* block);
+
+  // Merge parked class blocks, then return entirely free segments to the upstream.
+  // Returns the bytes returned.
+  size_t release_cached(size_t target_bytes = SIZE_MAX);
+
+  const Stats& stats() const { return stats_; }
+  Stats stats_with_derived() const;  // fills largest_free_block
+  void reset_peaks() { stats_.reset_peaks(); }
+  void count_retry() { stats_.num_alloc_retries++; }
+  void count_oom() { stats_.num_ooms++; }
+  std::vector<SegmentView> snapshot() const;
+
+  // The is_valid() walk: every invariant of the header comment. Returns "" when valid, else the
+  // first violation found.
+  std::string check() const;
+
+  void set_segment_listener(std::function<void(const SegmentEvent&)> fn) { listener_ = std::move(fn); }
+  const PoolConfig& config() const { return config_; }
+  Upstream& upstream() { return upstream_; }
+
+ private:
+  struct BySize {
+    bool operator()(const Block* a, const Block* b) const {
+      return a->size != b->size ? a->size < b->size : a->addr < b->addr;
+    }
+  };
+  using FreeSet = std::set<Block*, BySize>;
+  struct FreeLists {
+    Block* class_head[kNumSizeClasses] = {};
+    size_t parked_bytes = 0;
+    FreeSet small_free;
+    FreeSet large_free;
+  };
+
+  FreeLists& lists(uint64_t stream);
+  FreeSet& free_set(Block* b);
+  Block* allocate_class(uint32_t cls, size_t bytes, uint64_t stream);
+  Block* allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bool small);
+  Block* find_free(FreeSet& set, size_t rounded) const;
+  Segment* map_segment(size_t bytes, uint64_t stream, bool small);
+  void unmap_segment(Segment* s);
+  Block* split(Block* b, size_t size);  // b is not on a free structure; returns b (now `size` long)
+  Block* insert_free(Block* b);         // merges with kFree neighbours, inserts; returns the survivor
+  void erase_free(Block* b);
+  void park(Block* b);
+  void unpark(Block* b);
+  void reclaim(FreeLists& fl);
+  void maybe_release(Segment* s);
+  bool segment_is_free(const Segment* s) const;
+  Block* new_block();
+  void delete_block(Block* b);
+
+  // Accounting: the only functions that change gauges.
+  void account_alloc(Block* b, size_t requested);
+  void account_free(Block* b);
+  void account_inactive(Block* b, int sign);  // a non-allocated block appears (+1) / disappears (-1)
+
+  Upstream& upstream_;
+  PoolConfig config_;
+  ReserveBudget* budget_;
+  Stats stats_;
+  Segment* segments_ = nullptr;
+  uint64_t next_segment_id_ = 0;
+  std::unordered_map<uint64_t, FreeLists> streams_;
+  uint64_t last_stream_ = ~uint64_t{0};
+  FreeLists* last_lists_ = nullptr;
+  std::vector<Block*> spare_blocks_;
+  uint32_t aligned_class_[kNumSizeClasses];  // smallest class >= c whose size is a multiple of alignment
+  std::function<void(const SegmentEvent&)> listener_;
+};
+
+}  // namespace torchpool

@@ -1,0 +1,115 @@
+// Statistics, defined once in lists and exported from them (as mimalloc-stats.h does).
+//
+// A Stat is a gauge with history: current, peak, and the running totals of what was added
+// (allocated) and removed (freed). Invariant: current == allocated - freed, peak >= current.
+// The names and meanings follow torch.cuda.memory_stats() so users read them the way they know.
+//
+// All updates happen in pool.cc's accounting functions (account_*), never in the branches that
+// decide policy, so a counter cannot drift from the state it describes; Pool::check() recomputes
+// every gauge from the segment/block walk and compares.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "size_classes.h"
+
+namespace torchpool {
+
+// X(name, help)
+#define TORCHPOOL_GAUGES(X)                                                                      \
+  X(allocated_bytes, "bytes in blocks handed out, after rounding")                               \
+  X(requested_bytes, "bytes the callers asked for")                                              \
+  X(active_bytes, "bytes in blocks not reusable yet: allocated, or freed but awaiting a stream")  \
+  X(reserved_bytes, "bytes in segments obtained from the upstream")                              \
+  X(inactive_split_bytes, "free bytes in blocks that share a segment with other blocks")         \
+  X(cached_class_bytes, "free bytes parked on size-class free lists")                            \
+  X(allocation, "number of allocated blocks")                                                    \
+  X(active, "number of active blocks")                                                           \
+  X(segment, "number of segments")                                                               \
+  X(inactive_split, "number of free blocks that share a segment with other blocks")
+
+// X(name, help)
+#define TORCHPOOL_COUNTERS(X)                                                             \
+  X(num_alloc_retries, "allocations that freed the cache and tried again")               \
+  X(num_ooms, "allocations that failed for lack of memory")                              \
+  X(num_upstream_maps, "segments mapped from the upstream")                              \
+  X(num_upstream_unmaps, "segments returned to the upstream")                            \
+  X(num_class_hits, "size-class allocations served from a class free list")             \
+  X(num_class_misses, "size-class allocations that carved a new block")                 \
+  X(num_large_allocs, "allocations above the largest size class")                        \
+  X(num_reclaims, "times parked class blocks were merged back into free blocks")         \
+  X(num_splits, "blocks split in two")                                                   \
+  X(num_merges, "free neighbours merged")
+
+struct Stat {
+  int64_t current = 0;
+  int64_t peak = 0;
+  int64_t allocated = 0;
+  int64_t freed = 0;
+
+  void add(int64_t n) {
+    current += n;
+    allocated += n;
+    peak = std::max(peak, current);
+  }
+  void sub(int64_t n) {
+    current -= n;
+    freed += n;
+  }
+  void reset_peak() { peak = current; }
+  void merge(const Stat& o) {  // sum of independent arenas; peak is the sum of peaks (an upper bound)
+    current += o.current;
+    peak += o.peak;
+    allocated += o.allocated;
+    freed += o.freed;
+  }
+};
+
+struct ClassStat {
+  int64_t allocated_blocks = 0;  // current
+  int64_t peak_allocated_blocks = 0;
+  int64_t cached_blocks = 0;     // parked on the free list
+  int64_t requested_bytes = 0;   // current, of the allocated blocks
+  int64_t hits = 0;
+  int64_t misses = 0;
+};
+
+struct Stats {
+#define TORCHPOOL_DECLARE_GAUGE(name, help) Stat name;
+  TORCHPOOL_GAUGES(TORCHPOOL_DECLARE_GAUGE)
+#undef TORCHPOOL_DECLARE_GAUGE
+#define TORCHPOOL_DECLARE_COUNTER(name, help) int64_t name = 0;
+  TORCHPOOL_COUNTERS(TORCHPOOL_DECLARE_COUNTER)
+#undef TORCHPOOL_DECLARE_COUNTER
+  ClassStat classes[kNumSizeClasses];
+  // Derived at snapshot time (not kept as it goes): the largest free block and the total free.
+  int64_t largest_free_block = 0;
+
+  void reset_peaks() {
+#define TORCHPOOL_RESET(name, help) name.reset_peak();
+    TORCHPOOL_GAUGES(TORCHPOOL_RESET)
+#undef TORCHPOOL_RESET
+    for (auto& c : classes) c.peak_allocated_blocks = c.allocated_blocks;
+  }
+
+  void merge(const Stats& o) {
+#define TORCHPOOL_MERGE_GAUGE(name, help) name.merge(o.name);
+    TORCHPOOL_GAUGES(TORCHPOOL_MERGE_GAUGE)
+#undef TORCHPOOL_MERGE_GAUGE
+#define TORCHPOOL_MERGE_COUNTER(name, help) name += o.name;
+    TORCHPOOL_COUNTERS(TORCHPOOL_MERGE_COUNTER)
+#undef TORCHPOOL_MERGE_COUNTER
+    for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
+      classes[i].allocated_blocks += o.classes[i].allocated_blocks;
+      classes[i].peak_allocated_blocks += o.classes[i].peak_allocated_blocks;
+      classes[i].cached_blocks += o.classes[i].cached_blocks;
+      classes[i].requested_bytes += o.classes[i].requested_bytes;
+      classes[i].hits += o.classes[i].hits;
+      classes[i].misses += o.classes[i].misses;
+    }
+    largest_free_block = std::max(largest_free_block, o.largest_free_block);
+  }
+};
+
+}  // namespace torchpool

@@ -1,0 +1,101 @@
+#include "cpu_allocator.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <stdexcept>
+
+namespace torchpool::torch_glue {
+
+CpuAllocatorSlot& CpuAllocatorSlot::instance() {
+  static auto* slot = new CpuAllocatorSlot();  // immortal: tensors may be freed during exit
+  return *slot;
+}
+
+void CpuAllocatorSlot::install(std::shared_ptr<CachingAllocator> allocator) {
+  std::lock_guard<std::mutex> g(mu_);
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (current != this) previous_ = current;
+  bool known = false;
+  for (size_t i = 0; i < num_known_.load(); ++i) known |= known_[i].load() == allocator.get();
+  if (!known) {
+    const size_t i = num_known_.load();
+    if (i == kMaxAllocators) throw std::runtime_error("torchpool: too many distinct allocators installed in one process");
+    known_[i].store(allocator.get());
+    num_known_.store(i + 1);
+    keep_alive_.push_back(allocator);
+  }
+  active_owner_ = allocator;
+  active_.store(allocator.get(), std::memory_order_release);
+  if (current != this) {
+    c10::SetCPUAllocator(this, kPriority);
+    if (c10::GetCPUAllocator() != this) {
+      active_.store(nullptr);
+      active_owner_.reset();
+      throw std::runtime_error(
+          "torchpool: another allocator holds PyTorch's CPU allocator slot at a higher priority; "
+          "torchpool could not install itself");
+    }
+  }
+}
+
+bool CpuAllocatorSlot::uninstall() {
+  std::lock_guard<std::mutex> g(mu_);
+  active_.store(nullptr, std::memory_order_release);
+  active_owner_.reset();
+  if (c10::GetCPUAllocator() != this || previous_ == nullptr) return true;
+  int64_t live = 0;
+  for (size_t i = 0; i < num_known_.load(); ++i) live += known_[i].load()->stats().allocation.current;
+  if (live != 0) return false;  // Note [The CPU allocator slot]: keep routing
+  c10::SetCPUAllocator(previous_, kPriority);
+  return true;
+}
+
+std::shared_ptr<CachingAllocator> CpuAllocatorSlot::active() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return active_owner_;
+}
+
+bool CpuAllocatorSlot::in_slot() const { return c10::GetCPUAllocator() == this; }
+
+c10::DataPtr CpuAllocatorSlot::allocate(size_t n) {
+  CachingAllocator* a = active_.load(std::memory_order_acquire);
+  if (a == nullptr) return previous_->allocate(n);
+  void* p = nullptr;
+  try {
+    p = a->allocate(n);
+  } catch (const OutOfMemory& e) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
+  }
+  return {p, p, &free_ours, c10::Device(c10::DeviceType::CPU)};
+}
+
+bool CpuAllocatorSlot::free_if_ours(void* p) {
+  const size_t n = num_known_.load(std::memory_order_acquire);
+  for (size_t i = 0; i < n; ++i)
+    if (known_[i].load(std::memory_order_relaxed)->free(p)) return true;
+  return false;
+}
+
+void CpuAllocatorSlot::free_ours(void* p) {
+  if (p == nullptr) return;
+  if (!instance().free_if_ours(p)) {
+    // A DataPtr with our deleter always holds one of our pointers; anything else is a bug upstream.
+    TORCH_WARN("torchpool: free of a pointer no torchpool allocator owns: ", p);
+  }
+}
+
+void CpuAllocatorSlot::route_free(void* p) {
+  if (p == nullptr) return;
+  CpuAllocatorSlot& self = instance();
+  if (self.free_if_ours(p)) return;
+  self.previous_->raw_deallocate(p);
+}
+
+c10::DeleterFnPtr CpuAllocatorSlot::raw_deleter() const { return &route_free; }
+
+void CpuAllocatorSlot::copy_data(void* dest, const void* src, std::size_t count) const {
+  default_copy_data(dest, src, count);
+}
+
+}  // namespace torchpool::torch_glue

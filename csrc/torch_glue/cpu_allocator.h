@@ -1,0 +1,66 @@
+// The torch glue: torchpool in PyTorch's CPU allocator slot (c10::SetCPUAllocator).
+//
+// Note [The CPU allocator slot]
+// -----------------------------
+// Facts (torch 2.13): SetCPUAllocator(a, priority) replaces the allocator only if priority >= the
+// recorded one and the recorded priority never goes down; every DataPtr carries its own deleter, so
+// tensors are freed by the allocator that made them; but oneDNN frees its buffers with
+// GetAllocator(kCPU)->raw_deallocate(p), i.e. through the allocator current at *free* time, which
+// calls raw_deleter()(p) (not virtual).
+// Approach: the slot holds one immortal CpuAllocatorSlot that routes.  allocate() goes to the
+// installed CachingAllocator, or to the previous allocator after uninstall.  raw_deleter() is
+// route_free(p): a pointer some torchpool allocator owns goes back to it, any other pointer to the
+// previous allocator's raw deleter.  So install -> mkldnn tensor -> uninstall -> free and the reverse
+// both free through the right allocator.  uninstall() puts the previous allocator back in the slot
+// (at the same fixed priority) when no torchpool block is alive; otherwise the router stays in the
+// slot, forwarding every allocation to the previous allocator, until the last block is gone and
+// uninstall() is called again or the process ends.
+// Limitations: allocators are never destroyed (a tensor may outlive any Python object), and the
+// swap is an unsynchronised store in c10: install at startup, before threads allocate.
+#pragma once
+
+#include <c10/core/Allocator.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../core/allocator.h"
+
+namespace torchpool::torch_glue {
+
+class CpuAllocatorSlot final : public c10::Allocator {
+ public:
+  static constexpr uint8_t kPriority = 0;
+  static CpuAllocatorSlot& instance();
+
+  // Throws std::runtime_error if another allocator holds the slot at a higher priority.
+  void install(std::shared_ptr<CachingAllocator> allocator);
+  // Returns true if the previous allocator is back in the slot, false if the router stays routing.
+  bool uninstall();
+  std::shared_ptr<CachingAllocator> active() const;
+  bool in_slot() const;
+
+  c10::DataPtr allocate(size_t n) override;
+  c10::DeleterFnPtr raw_deleter() const override;
+  void copy_data(void* dest, const void* src, std::size_t count) const override;
+
+ private:
+  CpuAllocatorSlot() = default;
+  static void free_ours(void* p);
+  static void route_free(void* p);
+  bool free_if_ours(void* p);
+
+  mutable std::mutex mu_;
+  std::atomic<CachingAllocator*> active_{nullptr};
+  std::shared_ptr<CachingAllocator> active_owner_;
+  c10::Allocator* previous_ = nullptr;
+  // Every allocator ever installed, kept alive forever: a tensor may outlive its Python handle.
+  static constexpr size_t kMaxAllocators = 32;
+  std::atomic<CachingAllocator*> known_[kMaxAllocators] = {};
+  std::atomic<size_t> num_known_{0};
+  std::vector<std::shared_ptr<CachingAllocator>> keep_alive_;
+};
+
+}  // namespace torchpool::torch_glue

@@ -1,0 +1,39 @@
+"""The `torchpool` command: one subcommand per module, each with add_arguments(parser) and main(args)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, help). A subcommand whose module is not in this build is left out.
+COMMANDS = {
+    "demo": ("torchpool.demo", "swap the allocator, run a real workload, print the report"),
+    "run": ("torchpool.launch", "run a Python script or module with torchpool installed from its first line"),
+    "inspect": ("torchpool.inspect", "describe and validate a safetensors checkpoint"),
+    "bench": ("torchpool.bench", "benchmarks (fragmentation replay)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchpool", description="control of tensor memory for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is None:
+            continue
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

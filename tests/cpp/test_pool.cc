@@ -1,0 +1,261 @@
+// Core bookkeeping against fake upstreams (fake addresses, as RMM's tests do), with the is_valid()
+// walk after every step. The conformance cases run against every upstream in kUpstreams.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "core/allocator.h"
+#include "core/pool.h"
+#include "upstreams/fake.h"
+#include "upstreams/host_mmap.h"
+
+using namespace torchpool;
+
+namespace {
+
+std::shared_ptr<Upstream> make_upstream(const std::string& name) {
+  if (name == "fake") return std::make_shared<FakeUpstream>();
+  if (name == "host_mmap") return std::make_shared<HostMmapUpstream>();
+  if (name == "host_mmap_no_thp") return std::make_shared<HostMmapUpstream>(HostMmapOptions{false});
+  throw std::runtime_error("unknown upstream " + name);
+}
+
+const char* kUpstreams[] = {"fake", "host_mmap", "host_mmap_no_thp"};
+
+void random_workload(CachingAllocator& a, uint64_t seed, int steps, bool check_each) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::pair<void*, size_t>> live;
+  for (int i = 0; i < steps; ++i) {
+    if (live.empty() || rng() % 100 < 55) {
+      const int kind = rng() % 10;
+      size_t n = kind < 7 ? 1 + rng() % 4096 : kind < 9 ? 1 + rng() % (1u << 20) : (1u << 20) + rng() % (24u << 20);
+      void* p = a.allocate(n);
+      REQUIRE(p != nullptr);
+      REQUIRE(reinterpret_cast<uintptr_t>(p) % 64 == 0);
+      live.push_back({p, n});
+    } else {
+      const size_t k = rng() % live.size();
+      REQUIRE(a.free(live[k].first));
+      live[k] = live.back();
+      live.pop_back();
+    }
+    if (check_each) REQUIRE(a.check() == "");
+  }
+  for (auto& [p, n] : live) REQUIRE(a.free(p));
+  REQUIRE(a.check() == "");
+}
+
+}  // namespace
+
+TEST_CASE("conformance: every upstream") {
+  for (const char* name : kUpstreams) {
+    CAPTURE(name);
+    AllocatorConfig cfg;
+    auto a = std::make_unique<CachingAllocator>(make_upstream(name), cfg);
+
+    SUBCASE("zero bytes is nullptr and freeing nullptr is a no-op") {
+      CHECK(a->allocate(0) == nullptr);
+      CHECK(a->free(nullptr));
+    }
+    SUBCASE("blocks do not overlap and sizes are kept") {
+      std::vector<std::pair<uintptr_t, size_t>> blocks;
+      for (size_t n : {1ul, 63ul, 64ul, 65ul, 1000ul, 4096ul, 100000ul, (1ul << 20) + 1, 5ul << 20, 33ul << 20}) {
+        void* p = a->allocate(n);
+        auto [size, requested] = a->block_size(p);
+        CHECK(size >= n);
+        CHECK(requested == n);
+        blocks.push_back({reinterpret_cast<uintptr_t>(p), size});
+      }
+      std::sort(blocks.begin(), blocks.end());
+      for (size_t i = 1; i < blocks.size(); ++i) CHECK(blocks[i - 1].first + blocks[i - 1].second <= blocks[i].first);
+      for (auto& [p, s] : blocks) CHECK(a->free(reinterpret_cast<void*>(p)));
+      CHECK(a->check() == "");
+      CHECK(a->stats().allocated_bytes.current == 0);
+    }
+    SUBCASE("a freed block is reused for the same size without a new segment") {
+      void* p = a->allocate(3000);
+      const auto maps = a->stats().num_upstream_maps;
+      a->free(p);
+      void* q = a->allocate(3000);
+      CHECK(q == p);
+      CHECK(a->stats().num_upstream_maps == maps);
+      a->free(q);
+    }
+    SUBCASE("foreign pointers are refused") {
+      int x;
+      CHECK_FALSE(a->free(&x));
+      CHECK_FALSE(a->owns(&x));
+    }
+    SUBCASE("empty_cache returns every free segment") {
+      random_workload(*a, 7, 500, false);
+      CHECK(a->stats().reserved_bytes.current > 0);
+      a->empty_cache();
+      CHECK(a->stats().reserved_bytes.current == 0);
+      CHECK(a->check() == "");
+    }
+    SUBCASE("random workload keeps every invariant") { random_workload(*a, 1, 2000, true); }
+  }
+}
+
+TEST_CASE("large blocks are split and coalesced") {
+  auto up = std::make_shared<FakeUpstream>();
+  CachingAllocator a(up, {});
+  void* p1 = a.allocate(8 << 20);
+  a.free(p1);  // segment of 8 MiB now free
+  void* p2 = a.allocate(3 << 20);
+  void* p3 = a.allocate(3 << 20);  // both carved from the cached 8 MiB segment
+  CHECK(up->map_calls() == 1);
+  CHECK(reinterpret_cast<uintptr_t>(p3) == reinterpret_cast<uintptr_t>(p2) + (3 << 20));
+  CHECK(a.stats().inactive_split_bytes.current == (2 << 20));
+  a.free(p2);
+  a.free(p3);
+  CHECK(a.stats().inactive_split_bytes.current == 0);  // merged back into one block
+  void* p4 = a.allocate(8 << 20);
+  CHECK(p4 == p1);
+  a.free(p4);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("parked class blocks are reclaimed before a new small segment is mapped") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  CachingAllocator a(up, cfg);
+  std::vector<void*> ps;
+  for (int i = 0; i < 16; ++i) ps.push_back(a.allocate(128 << 10));  // fills one 2 MiB small segment
+  for (void* p : ps) a.free(p);
+  CHECK(a.stats().cached_class_bytes.current == (2 << 20));
+  const auto maps = up->map_calls();
+  void* big = a.allocate(900 << 10);  // another class: parked blocks must be merged, not a new segment
+  CHECK(up->map_calls() == maps);
+  CHECK(a.stats().num_reclaims == 1);
+  a.free(big);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("max_bytes: out of memory names the state, then the allocator keeps working") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  cfg.max_bytes = 16 << 20;
+  CachingAllocator a(up, cfg);
+  void* p = a.allocate(10 << 20);
+  try {
+    a.allocate(10 << 20);
+    FAIL("expected OutOfMemory");
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    CHECK(m.find("tried to allocate 10.00 MiB") != std::string::npos);
+    CHECK(m.find("reserved") != std::string::npos);
+    CHECK(m.find("max_bytes=16.00 MiB") != std::string::npos);
+  }
+  CHECK(a.stats().num_ooms == 1);
+  CHECK(a.stats().num_alloc_retries == 1);
+  a.free(p);
+  void* q = a.allocate(12 << 20);  // the cached 10 MiB segment is released on retry
+  CHECK(q != nullptr);
+  a.free(q);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("upstream failure is retried after releasing the cache") {
+  auto up = std::make_shared<FakeUpstream>();
+  CachingAllocator a(up, {});
+  a.free(a.allocate(4 << 20));
+  up->fail_next(1);
+  void* p = a.allocate(6 << 20);  // first map fails, retry after empty_cache succeeds
+  CHECK(p != nullptr);
+  CHECK(a.stats().num_alloc_retries == 1);
+  CHECK(a.stats().num_ooms == 0);
+  a.free(p);
+}
+
+TEST_CASE("max_cached_bytes returns free segments beyond the limit") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  cfg.pool.max_cached_bytes = 8 << 20;
+  CachingAllocator a(up, cfg);
+  std::vector<void*> ps;
+  for (int i = 0; i < 6; ++i) ps.push_back(a.allocate(4 << 20));
+  for (void* p : ps) a.free(p);
+  const auto s = a.stats();
+  CHECK(s.reserved_bytes.current - s.allocated_bytes.current <= (8 << 20));
+  CHECK(s.num_upstream_unmaps >= 4);
+}
+
+TEST_CASE("threads: concurrent allocation and cross-thread frees keep every invariant") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  cfg.arenas = 4;
+  CachingAllocator a(up, cfg);
+  constexpr int kThreads = 4;
+  std::vector<std::vector<void*>> handoff(kThreads);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      std::vector<void*> mine;
+      for (int i = 0; i < 20000; ++i) {
+        if (mine.size() < 64 || rng() % 2) {
+          mine.push_back(a.allocate(1 + rng() % ((rng() % 50) ? 8192 : (4u << 20))));
+        } else {
+          const size_t k = rng() % mine.size();
+          a.free(mine[k]);
+          mine[k] = mine.back();
+          mine.pop_back();
+        }
+      }
+      handoff[t] = std::move(mine);
+    });
+  }
+  for (auto& t : ts) t.join();
+  // free every thread's leftovers from other threads
+  std::vector<std::thread> freers;
+  for (int t = 0; t < kThreads; ++t)
+    freers.emplace_back([&, t] {
+      for (void* p : handoff[(t + 1) % kThreads]) a.free(p);
+    });
+  for (auto& t : freers) t.join();
+  CHECK(a.check() == "");
+  CHECK(a.stats().allocated_bytes.current == 0);
+}
+
+TEST_CASE("size_classes=false serves small requests best-fit") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  cfg.pool.size_classes = false;
+  CachingAllocator a(up, cfg);
+  void* p = a.allocate(1000);
+  CHECK(a.block_size(p).first == 1024);
+  CHECK(a.stats().num_class_hits + a.stats().num_class_misses == 0);
+  a.free(p);
+  random_workload(a, 3, 1000, true);
+}
+
+TEST_CASE("alignment 512: class blocks stay aligned") {
+  auto up = std::make_shared<FakeUpstream>();
+  AllocatorConfig cfg;
+  cfg.pool.alignment = 512;
+  CachingAllocator a(up, cfg);
+  std::vector<void*> ps;
+  for (size_t n : {1ul, 100ul, 513ul, 1100ul, 3000ul, 70000ul}) {
+    for (int i = 0; i < 5; ++i) {
+      void* p = a.allocate(n);
+      CHECK(reinterpret_cast<uintptr_t>(p) % 512 == 0);
+      ps.push_back(p);
+    }
+  }
+  for (void* p : ps) a.free(p);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("host memory is really usable") {
+  CachingAllocator a(std::make_shared<HostMmapUpstream>(), {});
+  auto* p = static_cast<unsigned char*>(a.allocate(40 << 20));
+  for (size_t i = 0; i < (40u << 20); i += 4096) p[i] = static_cast<unsigned char>(i >> 12);
+  CHECK(p[4096 * 7] == 7);
+  a.free(p);
+}
