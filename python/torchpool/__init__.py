@@ -31,6 +31,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Allocator",
+    "CheckpointError",
+    "load_lazily",
+    "open_checkpoint",
+    "record_trace",
     "ConfigError",
     "allocator",
     "empty_cache",
@@ -43,6 +47,28 @@ __all__ = [
     "reset_peak_stats",
     "uninstall",
 ]
+
+# Components that live in their own modules, imported on first use (keeps `import torchpool` fast).
+_LAZY = {
+    "open_checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "load_lazily": "lazy",
+    "record_trace": "trace",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        if name in ("cuda",):
+            import importlib
+
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module 'torchpool' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 from ._install import _install_from_environment  # noqa: E402
 

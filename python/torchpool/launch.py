@@ -1,0 +1,49 @@
+"""`torchpool run [--conf C] script.py args...` / `torchpool run -m module args...`.
+
+Installs torchpool first, then runs the script in this interpreter as __main__, so the allocator
+is swapped before the script's first line. TORCHPOOL_CONF is set for child processes too (a
+spawned DataLoader worker that imports torchpool installs it the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+
+from . import _config
+from ._install import install
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conf", default=None,
+                   help="TORCHPOOL_CONF-style options, e.g. 'cpu=1,max_cached_mb=4096' (default: $TORCHPOOL_CONF or cpu=1)")
+    p.add_argument("-m", dest="module", default=None, help="run a library module as a script (like python -m)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="script.py and its arguments (or the module's arguments)")
+
+
+def main(args: argparse.Namespace) -> int:
+    conf = args.conf if args.conf is not None else (os.environ.get("TORCHPOOL_CONF") or "cpu=1")
+    devices, options = _config.parse_conf(conf)
+    if not devices:
+        raise SystemExit("torchpool run: the configuration names no device (add cpu=1 or cuda=1)")
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if args.module is None and not argv:
+        raise SystemExit("torchpool run: give a script (torchpool run script.py ...) or -m module")
+    for dev in devices:
+        install(dev, **options)
+    os.environ["TORCHPOOL_CONF"] = conf
+    if args.module is not None:
+        sys.argv = [args.module, *argv]
+        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+    else:
+        script = argv[0]
+        if not os.path.exists(script):
+            raise SystemExit(f"torchpool run: no such script: {script}")
+        sys.argv = argv
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+    return 0
