@@ -147,3 +147,19 @@ def test_unknown_option_is_refused():
 def test_unsupported_device_is_refused():
     with pytest.raises(ValueError, match="not supported"):
         torchpool.install("meta")
+
+
+def test_profiler_sees_torchpool_memory(python_subprocess):
+    r = python_subprocess(textwrap.dedent("""
+        import json, torch, torchpool
+        torchpool.install()
+        from torch.profiler import profile, ProfilerActivity
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            x = torch.ones(1 << 20)
+            y = x * 2
+            del x, y
+        total = sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0)
+        print(json.dumps({"reported": total}))
+        """))
+    assert r.returncode == 0, r.stderr
+    assert last_json(r.stdout)["reported"] >= 2 * 4 * (1 << 20)

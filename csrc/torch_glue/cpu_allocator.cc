@@ -65,15 +65,36 @@ c10::DataPtr CpuAllocatorSlot::allocate(size_t n) {
   try {
     p = a->allocate(n);
   } catch (const OutOfMemory& e) {
+    if (c10::memoryProfilingEnabled()) {
+      const Stats s = a->stats();
+      c10::reportOutOfMemoryToProfiler(static_cast<int64_t>(n), s.allocated_bytes.current, s.reserved_bytes.current,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
     TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
   }
+  if (p != nullptr && c10::memoryProfilingEnabled()) report_to_profiler(*a, p, static_cast<int64_t>(n));
   return {p, p, &free_ours, c10::Device(c10::DeviceType::CPU)};
+}
+
+// The profiler sees an allocator's memory only if it is told (torch.profiler(profile_memory=True)).
+// Reported only while profiling is on, so the stats walk costs nothing otherwise.
+void CpuAllocatorSlot::report_to_profiler(CachingAllocator& a, void* p, int64_t delta) {
+  const Stats s = a.stats();
+  c10::reportMemoryUsageToProfiler(p, delta, s.allocated_bytes.current, s.reserved_bytes.current,
+                                   c10::Device(c10::DeviceType::CPU));
 }
 
 bool CpuAllocatorSlot::free_if_ours(void* p) {
   const size_t n = num_known_.load(std::memory_order_acquire);
-  for (size_t i = 0; i < n; ++i)
-    if (known_[i].load(std::memory_order_relaxed)->free(p)) return true;
+  const bool profiling = c10::memoryProfilingEnabled();
+  for (size_t i = 0; i < n; ++i) {
+    CachingAllocator* a = known_[i].load(std::memory_order_relaxed);
+    const size_t size = profiling ? a->block_size(p).second : 0;
+    if (a->free(p)) {
+      if (profiling) report_to_profiler(*a, p, -static_cast<int64_t>(size));
+      return true;
+    }
+  }
   return false;
 }
 

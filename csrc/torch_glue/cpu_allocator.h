@@ -51,6 +51,7 @@ class CpuAllocatorSlot final : public c10::Allocator {
   static void free_ours(void* p);
   static void route_free(void* p);
   bool free_if_ours(void* p);
+  static void report_to_profiler(CachingAllocator& a, void* p, int64_t delta);
 
   mutable std::mutex mu_;
   std::atomic<CachingAllocator*> active_{nullptr};
