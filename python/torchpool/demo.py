@@ -52,7 +52,7 @@ def _child(size: str) -> int:
         "cpu_s": cpu,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "losses": train["losses"],
-        "images_per_s": cnn.get("images_per_s"),
+        "images_per_s": cnn["images_per_s"],
         "torchpool": torchpool.is_installed(),
     }
     if torchpool.is_installed():

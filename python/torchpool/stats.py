@@ -19,6 +19,8 @@ def derive(raw: dict) -> dict:
     s["internal_waste_bytes"] = allocated - requested
     s["external_fragmentation"] = (1.0 - s["largest_free_block"] / free) if free > 0 else 0.0
     s["cached_bytes"] = free
+    peak_reserved = s["reserved_bytes.all.peak"]
+    s["peak_utilization"] = s["allocated_bytes.all.peak"] / peak_reserved if peak_reserved else 1.0
     return s
 
 
@@ -49,7 +51,7 @@ def format_report(stats: dict, title: str = "torchpool memory", max_classes: int
                      fmt_bytes(s[f"{name}.all.allocated"])])
     out = [f"== {title} ==", format_table(["gauge", "current", "peak", "total allocated"], rows), ""]
     out.append(
-        f"utilization {s['utilization']:.1%}   internal waste {fmt_bytes(s['internal_waste_bytes'])}   "
+        f"utilization {s['utilization']:.1%} (at the peaks {s['peak_utilization']:.1%})   internal waste {fmt_bytes(s['internal_waste_bytes'])}   "
         f"external fragmentation {s['external_fragmentation']:.1%}   largest free block {fmt_bytes(s['largest_free_block'])}"
     )
     out.append(
