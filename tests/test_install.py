@@ -84,6 +84,15 @@ def test_launcher_swaps_before_first_line(tmp_path):
     assert last_json(r.stdout) == {"argv": ["--lr", "3"], "on": True, "owns": True, "name": "__main__"}
 
 
+def test_launcher_passes_script_options_through(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text("import sys, json, torchpool; print(json.dumps([sys.argv[1:], torchpool.is_installed()]))")
+    r = subprocess.run([sys.executable, "-m", "torchpool", "run", str(script), "--help", "--conf", "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [["--help", "--conf", "x"], True]
+
+
 def test_launcher_reports_missing_script():
     r = subprocess.run([sys.executable, "-m", "torchpool", "run", "no_such_script.py"],
                        capture_output=True, text=True, timeout=120)

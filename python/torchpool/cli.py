@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":  # the script's own options must reach the script untouched
+        from . import launch
+
+        return int(launch.main(launch.split_argv(argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     return int(args._main(args) or 0)
 

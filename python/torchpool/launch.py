@@ -23,6 +23,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("argv", nargs=argparse.REMAINDER, help="script.py and its arguments (or the module's arguments)")
 
 
+def split_argv(argv: list[str]) -> argparse.Namespace:
+    """Parse `run`'s own options, stopping at the script or module: everything after it, --help
+    included, belongs to the script (argparse.REMAINDER would take --help for itself)."""
+    conf, module, i = None, None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            p = argparse.ArgumentParser(prog="torchpool run", description=__doc__.splitlines()[0])
+            add_arguments(p)
+            p.print_help()
+            raise SystemExit(0)
+        if arg == "--conf" and i + 1 < len(argv):
+            conf, i = argv[i + 1], i + 2
+        elif arg.startswith("--conf="):
+            conf, i = arg.split("=", 1)[1], i + 1
+        elif arg == "-m" and i + 1 < len(argv):
+            module, i = argv[i + 1], i + 2
+            break
+        elif arg == "--":
+            i += 1
+            break
+        else:
+            break
+    return argparse.Namespace(conf=conf, module=module, argv=argv[i:])
+
+
 def main(args: argparse.Namespace) -> int:
     conf = args.conf if args.conf is not None else (os.environ.get("TORCHPOOL_CONF") or "cpu=1")
     devices, options = _config.parse_conf(conf)
