@@ -1,5 +1,6 @@
 #include "allocator.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <sstream>
@@ -20,8 +21,9 @@ std::string format_bytes(int64_t bytes) {
   return buf;
 }
 
-CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config)
-    : upstream_(std::move(upstream)), config_(std::move(config)), budget_(config_.max_bytes) {
+CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config,
+                                   std::shared_ptr<StreamEvents> events)
+    : upstream_(std::move(upstream)), events_(std::move(events)), config_(std::move(config)), budget_(config_.max_bytes) {
   if (config_.arenas == 0) config_.arenas = 1;
   for (unsigned i = 0; i < config_.arenas; ++i) {
     auto a = std::make_unique<Arena>();
@@ -34,7 +36,11 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, Allocator
   }
 }
 
-CachingAllocator::~CachingAllocator() = default;
+CachingAllocator::~CachingAllocator() {
+  // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
+  for (auto& p : pending_)
+    for (auto e : p.events) events_->destroy(e);
+}
 
 uint32_t CachingAllocator::arena_for(size_t bytes) {
   if (arenas_.size() == 1 || bytes > kMaxClassBytes) return 0;
@@ -51,6 +57,7 @@ Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t str
 
 void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
   if (bytes == 0) return nullptr;
+  if (num_pending_.load(std::memory_order_relaxed)) process_events();
   const uint32_t arena = arena_for(bytes);
   Block* b = try_allocate(arena, bytes, stream);
   if (!b) {  // Note [Out of memory]
@@ -94,10 +101,88 @@ bool CachingAllocator::free(void* p) {
   }
   if (trace_.enabled())
     trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
+  std::vector<uint64_t> streams;
+  if (num_uses_.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> g(uses_mu_);
+    auto it = uses_.find(addr);
+    if (it != uses_.end()) {
+      streams = std::move(it->second);
+      uses_.erase(it);
+      num_uses_.fetch_sub(1, std::memory_order_relaxed);
+    }
+  }
+  Pending pend{o.block, o.arena, {}};
+  for (uint64_t st : streams) {  // Note [Stream ordering]
+    StreamEvents::Event e = events_->record(st);
+    if (e) pend.events.push_back(e);
+    else events_->synchronize(st);
+  }
   Arena& a = *arenas_[o.arena];
-  std::lock_guard<std::mutex> g(a.mu);
-  a.pool->free(o.block);
+  if (pend.events.empty()) {
+    std::lock_guard<std::mutex> g(a.mu);
+    a.pool->free(o.block);
+    return true;
+  }
+  std::lock_guard<std::mutex> pg(pending_mu_);
+  {
+    std::lock_guard<std::mutex> g(a.mu);
+    a.pool->defer(o.block);
+  }
+  pending_.push_back(std::move(pend));
+  num_pending_.fetch_add(1, std::memory_order_relaxed);
   return true;
+}
+
+bool CachingAllocator::record_stream(void* p, uint64_t stream) {
+  if (!events_) return false;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  uint64_t own;
+  {
+    Shard& sh = shard(addr);
+    std::lock_guard<std::mutex> g(sh.mu);
+    auto it = sh.map.find(addr);
+    if (it == sh.map.end()) return false;
+    own = it->second.block->segment->stream;  // fixed while the block is allocated
+  }
+  if (own == stream) return true;  // work on one stream runs in order: nothing to wait for
+  std::lock_guard<std::mutex> g(uses_mu_);
+  auto [it, inserted] = uses_.try_emplace(addr);
+  if (inserted) num_uses_.fetch_add(1, std::memory_order_relaxed);
+  if (std::find(it->second.begin(), it->second.end(), stream) == it->second.end()) it->second.push_back(stream);
+  return true;
+}
+
+void CachingAllocator::release_pending_locked() {
+  size_t kept = 0;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    auto& ev = p.events;
+    for (size_t j = 0; j < ev.size();) {
+      if (events_->done(ev[j])) {
+        events_->destroy(ev[j]);
+        ev[j] = ev.back();
+        ev.pop_back();
+      } else {
+        ++j;
+      }
+    }
+    if (ev.empty()) {
+      Arena& a = *arenas_[p.arena];
+      std::lock_guard<std::mutex> g(a.mu);
+      a.pool->free(p.block);
+    } else {
+      if (kept != i) pending_[kept] = std::move(p);
+      ++kept;
+    }
+  }
+  pending_.resize(kept);
+  num_pending_.store(kept, std::memory_order_relaxed);
+}
+
+size_t CachingAllocator::process_events() {
+  std::lock_guard<std::mutex> g(pending_mu_);
+  if (!pending_.empty()) release_pending_locked();
+  return pending_.size();
 }
 
 bool CachingAllocator::owns(const void* p) const {
@@ -118,6 +203,7 @@ std::pair<size_t, size_t> CachingAllocator::block_size(const void* p) const {
 }
 
 size_t CachingAllocator::empty_cache() {
+  process_events();  // only what no stream can still use is released
   size_t released = 0;
   for (auto& a : arenas_) {
     std::lock_guard<std::mutex> g(a->mu);
@@ -167,6 +253,14 @@ std::string CachingAllocator::check() const {
   if (static_cast<int64_t>(live) != s.allocation.current)
     return "owner map holds " + std::to_string(live) + " pointers but the arenas hold " +
            std::to_string(s.allocation.current) + " allocated blocks";
+  size_t pending;
+  {
+    std::lock_guard<std::mutex> g(pending_mu_);
+    pending = pending_.size();
+  }
+  if (static_cast<int64_t>(pending) != s.active.current - s.allocation.current)
+    return std::to_string(pending) + " deferred frees are pending but the arenas hold " +
+           std::to_string(s.active.current - s.allocation.current) + " deferred blocks";
   return {};
 }
 

@@ -6,7 +6,14 @@
 //    ├── owners_:    address -> (arena, Block*) for live allocations, sharded by address so that
 //    │               frees from different threads rarely meet on a lock.
 //    ├── budget_:    the global byte limit (max_bytes) shared by the arenas.
+//    ├── uses_:      address -> extra streams a live block was used on (record_stream); empty
+//    │               unless record_stream() was called, checked with one relaxed load on free.
+//    ├── pending_:   deferred blocks and the events they wait for (Note [Stream ordering],
+//    │               upstream.h); polled by allocate() and empty_cache().
 //    └── trace_:     the event ring (trace.h), written only while recording.
+//
+// Lock order: pending_mu_ before an arena's mutex; a shard's or uses_mu_ is never held while
+// taking another lock.
 //
 // Note [Arenas]
 // -------------
@@ -27,6 +34,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -58,7 +66,10 @@ class OutOfMemory : public std::runtime_error {
 
 class CachingAllocator {
  public:
-  CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config);
+  // events: orders reuse across streams (Note [Stream ordering]); null for host memory, where
+  // record_stream() is refused.
+  CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config,
+                   std::shared_ptr<StreamEvents> events = nullptr);
   ~CachingAllocator();
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
@@ -67,6 +78,12 @@ class CachingAllocator {
   void* allocate(size_t bytes, uint64_t stream = 0);
   // Returns false (and does nothing) when p was not allocated here.
   bool free(void* p);
+  // The live block at p is also used on `stream`: when it is freed, its memory is reused only
+  // after the work queued on `stream` by then has completed.  False when p is not allocated here
+  // or the allocator has no StreamEvents.
+  bool record_stream(void* p, uint64_t stream);
+  // Releases deferred blocks whose events have completed; returns how many are still pending.
+  size_t process_events();
   bool owns(const void* p) const;
   // Size of the block and of the request behind a live pointer; {0, 0} if not owned.
   std::pair<size_t, size_t> block_size(const void* p) const;
@@ -91,6 +108,11 @@ class CachingAllocator {
     Block* block;
     uint32_t arena;
   };
+  struct Pending {
+    Block* block;
+    uint32_t arena;
+    std::vector<StreamEvents::Event> events;
+  };
   static constexpr size_t kShards = 64;
   struct alignas(64) Shard {
     mutable std::mutex mu;
@@ -101,12 +123,21 @@ class CachingAllocator {
   uint32_t arena_for(size_t bytes);
   Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);
 
+  void release_pending_locked();  // pending_mu_ held
+
   std::shared_ptr<Upstream> upstream_;
+  std::shared_ptr<StreamEvents> events_;
   AllocatorConfig config_;
   ReserveBudget budget_;
   std::vector<std::unique_ptr<Arena>> arenas_;
   mutable std::array<Shard, kShards> shards_;
   TraceRing trace_;
+  std::mutex uses_mu_;
+  std::unordered_map<uintptr_t, std::vector<uint64_t>> uses_;
+  std::atomic<size_t> num_uses_{0};
+  mutable std::mutex pending_mu_;
+  std::vector<Pending> pending_;
+  std::atomic<size_t> num_pending_{0};
 };
 
 std::string format_bytes(int64_t bytes);

@@ -53,7 +53,12 @@ Pool::~Pool() {
       delete b;
       b = n;
     }
-    upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    if (s->expandable) {
+      upstream_.unmap_chunk(reinterpret_cast<void*>(s->base), s->size, s->stream);
+      upstream_.unreserve(reinterpret_cast<void*>(s->base), s->reserved, s->stream);
+    } else {
+      upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    }
     if (budget_) budget_->give_back(s->size);
     delete s;
   }
@@ -106,15 +111,18 @@ void Pool::account_free(Block* b) {
   const auto size = static_cast<int64_t>(b->size);
   stats_.allocated_bytes.sub(size);
   stats_.requested_bytes.sub(static_cast<int64_t>(b->requested));
-  stats_.active_bytes.sub(size);
   stats_.allocation.sub(1);
-  stats_.active.sub(1);
   if (b->cls >= 0) {
     ClassStat& c = stats_.classes[b->cls];
     c.allocated_blocks -= 1;
     c.requested_bytes -= static_cast<int64_t>(b->requested);
   }
   b->requested = 0;
+}
+
+void Pool::account_inactive_active(Block* b) {
+  stats_.active_bytes.sub(static_cast<int64_t>(b->size));
+  stats_.active.sub(1);
 }
 
 void Pool::account_inactive(Block* b, int sign) {
@@ -224,8 +232,14 @@ Segment* Pool::map_segment(size_t bytes, uint64_t stream, bool small) {
     if (budget_) budget_->give_back(bytes);
     return nullptr;
   }
+  return link_segment(reinterpret_cast<uintptr_t>(p), bytes, stream, small, 0);
+}
+
+Segment* Pool::link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool small, size_t reserved) {
   auto* s = new Segment();
-  s->base = reinterpret_cast<uintptr_t>(p);
+  s->expandable = reserved != 0;
+  s->reserved = reserved;
+  s->base = base;
   s->size = bytes;
   s->stream = stream;
   s->small = small;
@@ -261,15 +275,109 @@ void Pool::unmap_segment(Segment* s) {
   stats_.segment.sub(1);
   stats_.num_upstream_unmaps++;
   if (listener_) listener_({false, s->base, s->size, s->stream});
-  upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+  if (s->expandable) {
+    FreeLists& fl = lists(s->stream);
+    if (fl.expandable == s) fl.expandable = nullptr;
+    stats_.num_chunk_unmaps++;
+    upstream_.unmap_chunk(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    upstream_.unreserve(reinterpret_cast<void*>(s->base), s->reserved, s->stream);
+  } else {
+    upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+  }
   if (budget_) budget_->give_back(s->size);
   delete s;
 }
 
 void Pool::maybe_release(Segment* s) {
-  if (!segment_is_free(s)) return;
   const auto cached = stats_.reserved_bytes.current - stats_.allocated_bytes.current;
-  if (static_cast<size_t>(cached) > config_.max_cached_bytes) unmap_segment(s);
+  if (static_cast<size_t>(cached) <= config_.max_cached_bytes) return;
+  if (segment_is_free(s)) unmap_segment(s);
+  else if (s->expandable) shrink_expandable(s);
+}
+
+Block* Pool::last_block(const Segment* s) {
+  Block* b = s->first;
+  while (b->next) b = b->next;
+  return b;
+}
+
+// Note [Expandable segments] (upstream.h): grow the stream's segment at its end.
+Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded) {
+  const size_t gran = upstream_.granularity();
+  Segment* s = fl.expandable;
+  if (!s) {
+    const size_t need = round_up(rounded, gran);
+    const size_t want = round_up(std::max(upstream_.reservation_bytes(), need), gran);
+    void* base = upstream_.reserve(want, stream);
+    if (!base) return nullptr;
+    if (budget_ && !budget_->try_take(need)) {
+      upstream_.unreserve(base, want, stream);
+      return nullptr;
+    }
+    if (!upstream_.map_chunk(base, need, stream)) {
+      if (budget_) budget_->give_back(need);
+      upstream_.unreserve(base, want, stream);
+      return nullptr;
+    }
+    stats_.num_chunk_maps++;
+    s = link_segment(reinterpret_cast<uintptr_t>(base), need, stream, /*small=*/false, want);
+    fl.expandable = s;
+    return s->first;
+  }
+  Block* last = last_block(s);
+  const size_t have = last->state == Block::kFree ? last->size : 0;
+  const size_t need = round_up(rounded - std::min(have, rounded), gran);
+  if (need == 0 || s->size + need > s->reserved) return nullptr;
+  if (budget_ && !budget_->try_take(need)) return nullptr;
+  const uintptr_t at = s->base + s->size;
+  if (!upstream_.map_chunk(reinterpret_cast<void*>(at), need, stream)) {
+    if (budget_) budget_->give_back(need);
+    return nullptr;
+  }
+  s->size += need;
+  stats_.reserved_bytes.add(static_cast<int64_t>(need));
+  stats_.num_chunk_maps++;
+  if (listener_) listener_({true, at, need, stream});
+  if (have) {
+    erase_free(last);
+    last->size += need;
+    return insert_free(last);
+  }
+  Block* b = new_block();
+  b->addr = at;
+  b->size = need;
+  b->segment = s;
+  b->prev = last;
+  last->next = b;
+  return insert_free(b);
+}
+
+size_t Pool::shrink_expandable(Segment* s) {
+  Block* last = last_block(s);
+  if (last->state != Block::kFree) return 0;
+  const uintptr_t end = s->base + s->size;
+  const uintptr_t cut_at = round_up(last->addr, upstream_.granularity());
+  if (cut_at >= end) return 0;
+  const size_t cut = end - cut_at;
+  if (cut_at == s->base) {  // the whole segment is one free block
+    unmap_segment(s);
+    return cut;
+  }
+  erase_free(last);
+  if (listener_) listener_({false, cut_at, cut, s->stream});
+  upstream_.unmap_chunk(reinterpret_cast<void*>(cut_at), cut, s->stream);
+  if (budget_) budget_->give_back(cut);
+  s->size -= cut;
+  stats_.reserved_bytes.sub(static_cast<int64_t>(cut));
+  stats_.num_chunk_unmaps++;
+  if (last->addr == cut_at) {
+    last->prev->next = nullptr;
+    delete_block(last);
+  } else {
+    last->size -= cut;
+    insert_free(last);
+  }
+  return cut;
 }
 
 size_t Pool::release_cached(size_t target_bytes) {
@@ -283,6 +391,8 @@ size_t Pool::release_cached(size_t target_bytes) {
     if (segment_is_free(s)) {
       released += s->size;
       unmap_segment(s);
+    } else if (s->expandable) {
+      released += shrink_expandable(s);
     }
     s = next;
   }
@@ -335,9 +445,12 @@ Block* Pool::allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bo
     const size_t gran = upstream_.granularity();
     const size_t seg_bytes = small ? std::max(config_.small_segment_bytes, round_up(rounded, gran))
                                    : round_up(rounded, gran);
-    Segment* s = map_segment(seg_bytes, stream, small);
-    if (!s) return nullptr;
-    b = s->first;
+    if (!small && upstream_.can_expand()) b = grow_expandable(fl, stream, rounded);
+    if (!b) {
+      Segment* s = map_segment(seg_bytes, stream, small);
+      if (!s) return nullptr;
+      b = s->first;
+    }
   }
   erase_free(b);
   b->state = Block::kAllocated;  // not free while it is split, so the remainder does not merge back
@@ -384,9 +497,18 @@ Block* Pool::allocate(size_t bytes, uint64_t stream) {
   return b;
 }
 
-void Pool::free(Block* b) {
+void Pool::defer(Block* b) {
   TP_ASSERT(b->state == Block::kAllocated);
   account_free(b);
+  b->state = Block::kDeferred;
+  stats_.num_deferred_frees++;
+  TP_ASSERT_EXPENSIVE(check());
+}
+
+void Pool::free(Block* b) {
+  TP_ASSERT(b->state == Block::kAllocated || b->state == Block::kDeferred);
+  if (b->state == Block::kAllocated) account_free(b);
+  account_inactive_active(b);
   if (b->cls >= 0) {
     park(b);
   } else {
@@ -420,8 +542,11 @@ Stats Pool::stats_with_derived() const {
 std::vector<SegmentView> Pool::snapshot() const {
   std::vector<SegmentView> out;
   for (const Segment* s = segments_; s; s = s->next) {
-    SegmentView v{s->base, s->size, s->stream, s->small, {}};
-    for (const Block* b = s->first; b; b = b->next) v.blocks.push_back({b->addr, b->size, b->requested, b->cls, b->state});
+    SegmentView v{s->base, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
+    for (const Block* b = s->first; b; b = b->next) {
+      const bool deferred = b->state == Block::kDeferred;
+      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, deferred ? Block::kAllocated : b->state, deferred});
+    }
     out.push_back(std::move(v));
   }
   std::sort(out.begin(), out.end(), [](const SegmentView& a, const SegmentView& b) { return a.base < b.base; });
@@ -451,13 +576,26 @@ std::string Pool::check() const {
       }
     }
     if (bytes != fl.parked_bytes) return fail("parked_bytes disagrees with the class lists", nullptr);
+    if (const Segment* e = fl.expandable) {
+      bool found = false;
+      for (const Segment* s = segments_; s; s = s->next) found = found || s == e;
+      if (!found || !e->expandable || e->stream != stream) return fail("a stream's expandable segment is not one of its segments", nullptr);
+    }
   }
+  const size_t gran = upstream_.granularity();
+  int64_t deferred_bytes = 0, deferred_blocks = 0;
   Stats want;
   size_t free_blocks = 0;
   for (const Segment* s = segments_; s; s = s->next) {
     if (s->first == nullptr || s->first->addr != s->base) return fail("segment does not start with its first block", s->first);
     if (s->first->prev) return fail("first block has a predecessor", s->first);
     if (s->next && s->next->prev != s) return fail("segment list back link broken", nullptr);
+    if (s->expandable) {
+      if (s->small || s->size > s->reserved || s->base % gran || s->size % gran || s->reserved % gran)
+        return fail("expandable segment with a bad size, reservation or alignment", s->first);
+      auto it = streams_.find(s->stream);
+      if (it == streams_.end() || it->second.expandable != s) return fail("expandable segment is not its stream's", s->first);
+    }
     size_t total = 0;
     for (const Block* b = s->first; b; b = b->next) {
       if (b->segment != s) return fail("block points at another segment", b);
@@ -473,6 +611,10 @@ std::string Pool::check() const {
           want.requested_bytes.current += static_cast<int64_t>(b->requested);
           want.allocation.current += 1;
           break;
+        case Block::kDeferred:
+          deferred_bytes += size;
+          deferred_blocks += 1;
+          break;
         case Block::kCached:
           if (!parked.count(b)) return fail("parked block missing from its class list", b);
           want.cached_class_bytes.current += size;
@@ -487,7 +629,7 @@ std::string Pool::check() const {
           break;
         }
       }
-      if (b->state != Block::kAllocated && b->is_split()) {
+      if ((b->state == Block::kFree || b->state == Block::kCached) && b->is_split()) {
         want.inactive_split_bytes.current += size;
         want.inactive_split.current += 1;
       }
@@ -513,7 +655,10 @@ std::string Pool::check() const {
   TP_CHECK_GAUGE(allocation)
   TP_CHECK_GAUGE(segment)
 #undef TP_CHECK_GAUGE
-  if (stats_.active_bytes.current != stats_.allocated_bytes.current) return fail("active bytes differ from allocated bytes", nullptr);
+  if (stats_.active_bytes.current != stats_.allocated_bytes.current + deferred_bytes)
+    return fail("active bytes differ from allocated + deferred bytes", nullptr);
+  if (stats_.active.current != stats_.allocation.current + deferred_blocks)
+    return fail("active blocks differ from allocated + deferred blocks", nullptr);
   return {};
 }
 

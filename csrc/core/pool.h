@@ -8,7 +8,9 @@
 //    └── streams_: one FreeLists per stream id (device memory is reused on the stream that freed it)
 //          ├── class_head[c]: blocks of exactly class_bytes(c), parked unmerged ("cached")
 //          ├── small_free: free blocks inside small segments, ordered by (size, addr) for best fit
-//          └── large_free: free blocks inside large segments, ordered by (size, addr)
+//          ├── large_free: free blocks inside large segments, ordered by (size, addr)
+//          └── expandable: the stream's expandable segment, or null (Note [Expandable segments],
+//                          upstream.h): a reservation of `reserved` bytes whose first `size` are mapped
 //
 // Block states and invariants (checked by Pool::check(), the is_valid() walk)
 // ----------------------------------------------------------------------------
@@ -17,11 +19,18 @@
 //               Never merged with neighbours until a reclaim (Note [Parked class blocks]).
 //   kFree       in exactly one of small_free / large_free of its segment's stream.
 //               No two kFree blocks are adjacent (they are merged on free).
+//   kDeferred   freed by the caller but still in use by another stream (Note [Stream ordering],
+//               upstream.h).  Counted in active_bytes, not in allocated_bytes.  Not on any free
+//               structure, so its segment is never returned.  Pool::free() makes it kFree/kCached.
 //   For every segment:  first->addr == base,  b->next->addr == b->addr + b->size,
 //                       sum(block sizes) == size.
+//   Expandable segments: large (not small), size <= reserved, base / size / reserved multiples of
+//                       the upstream granularity, at most one per stream and it is that stream's
+//                       FreeLists::expandable; never an empty one (a fully released one is unreserved).
 //   Gauges:  allocated_bytes == Σ size of kAllocated,  requested_bytes == Σ requested,
-//            reserved_bytes == Σ segment size,  cached_class_bytes == Σ size of kCached,
-//            inactive_split_bytes == Σ size of non-allocated blocks whose segment has > 1 block.
+//            active_bytes == allocated_bytes + Σ size of kDeferred (active == allocation + #kDeferred),
+//            reserved_bytes == Σ segment size (mapped bytes),  cached_class_bytes == Σ size of kCached,
+//            inactive_split_bytes == Σ size of kFree/kCached blocks whose segment has > 1 block.
 //
 // Note [Parked class blocks]
 // --------------------------
@@ -60,7 +69,7 @@ namespace torchpool {
 struct Segment;
 
 struct Block {
-  enum State : uint8_t { kFree, kCached, kAllocated };
+  enum State : uint8_t { kFree, kCached, kAllocated, kDeferred };
 
   uintptr_t addr = 0;
   size_t size = 0;
@@ -81,6 +90,8 @@ struct Segment {
   size_t size = 0;
   uint64_t stream = 0;
   bool small = false;     // holds size-class blocks
+  bool expandable = false;  // Note [Expandable segments]: grows in place up to `reserved`
+  size_t reserved = 0;      // expandable only: bytes of address space reserved at base
   Block* first = nullptr;
   Segment* prev = nullptr;
   Segment* next = nullptr;
@@ -124,7 +135,8 @@ struct BlockView {  // one row of a snapshot
   size_t size;
   size_t requested;
   int32_t cls;
-  Block::State state;
+  Block::State state;  // a kDeferred block shows as kAllocated with deferred = true
+  bool deferred;
 };
 
 struct SegmentView {
@@ -132,6 +144,8 @@ struct SegmentView {
   size_t size;
   uint64_t stream;
   bool small;
+  bool expandable;
+  size_t reserved;
   std::vector<BlockView> blocks;
 };
 
@@ -144,7 +158,11 @@ class Pool {
 
   // Returns nullptr when the upstream or the budget refuses a new segment. bytes >= 1.
   Block* allocate(size_t bytes, uint64_t stream = 0);
+  // Takes a kAllocated or kDeferred block back.
   void free(Block* block);
+  // kAllocated -> kDeferred: the caller freed it, another stream may still use it (Note [Stream
+  // ordering]).  It stays out of every free structure until free() is called on it.
+  void defer(Block* block);
 
   // Merge parked class blocks, then return entirely free segments to the upstream.
   // Returns the bytes returned.
@@ -177,6 +195,7 @@ class Pool {
     size_t parked_bytes = 0;
     FreeSet small_free;
     FreeSet large_free;
+    Segment* expandable = nullptr;
   };
 
   FreeLists& lists(uint64_t stream);
@@ -186,6 +205,10 @@ class Pool {
   Block* find_free(FreeSet& set, size_t rounded) const;
   Segment* map_segment(size_t bytes, uint64_t stream, bool small);
   void unmap_segment(Segment* s);
+  Segment* link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool small, size_t reserved);  // reserved: expandable
+  Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded);  // a kFree block >= rounded, or null
+  size_t shrink_expandable(Segment* s);  // unmaps whole free chunks at the tail; returns bytes unmapped
+  static Block* last_block(const Segment* s);
   Block* split(Block* b, size_t size);  // b is not on a free structure; returns b (now `size` long)
   Block* insert_free(Block* b);         // merges with kFree neighbours, inserts; returns the survivor
   void erase_free(Block* b);
@@ -199,7 +222,8 @@ class Pool {
 
   // Accounting: the only functions that change gauges.
   void account_alloc(Block* b, size_t requested);
-  void account_free(Block* b);
+  void account_free(Block* b);        // kAllocated -> not allocated (allocated, requested gauges)
+  void account_inactive_active(Block* b);  // leaves the active gauges
   void account_inactive(Block* b, int sign);  // a non-allocated block appears (+1) / disappears (-1)
 
   Upstream& upstream_;

@@ -40,7 +40,10 @@ namespace torchpool {
   X(num_large_allocs, "allocations above the largest size class")                        \
   X(num_reclaims, "times parked class blocks were merged back into free blocks")         \
   X(num_splits, "blocks split in two")                                                   \
-  X(num_merges, "free neighbours merged")
+  X(num_merges, "free neighbours merged")                                                \
+  X(num_chunk_maps, "chunks mapped to grow an expandable segment")                       \
+  X(num_chunk_unmaps, "chunks unmapped from the tail of an expandable segment")          \
+  X(num_deferred_frees, "frees deferred until other streams' events complete")
 
 struct Stat {
   int64_t current = 0;

@@ -1,8 +1,24 @@
-// The upstream interface: where the core gets raw memory from.
+// The upstream interface: where the core gets raw memory from, and how it orders reuse across streams.
 //
 // The core (pool.h) never touches the memory it manages: it only does arithmetic on addresses, so
 // the same core serves host memory, pinned memory and device memory. An upstream maps and unmaps
 // whole segments; everything finer is the pool's business.
+//
+// Note [Expandable segments]
+// --------------------------
+// Rationale: with one mapping per segment, two free blocks in different segments never coalesce, so
+// a workload whose sizes drift (LoRA + recompute + ZeRO-3 in the GMLake paper: 64 % utilization)
+// strands free memory in holes no request fits.  PyTorch's expandable_segments (Note [Expandable
+// Segments] in CUDACachingAllocator.cpp) and GMLake map physical memory into one reserved virtual
+// range instead.  Approach: an upstream whose can_expand() is true also offers reserve / map_chunk /
+// unmap_chunk / unreserve.  The pool then keeps, per stream, one expandable segment for large
+// blocks: a reservation whose first `size` bytes are mapped.  When no free block fits, the segment
+// grows in place at its end (map_chunk), so the new memory merges with a free tail block; when the
+// tail block is free, whole chunks at the end are unmapped (empty_cache, max_cached_bytes, the
+// out-of-memory retry).  Small (size-class) segments still come from map().  Limitations: only the
+// tail is returned (a free hole in the middle of the segment stays mapped, unlike PyTorch, which
+// also unmaps interior pages); a segment cannot grow past its reservation (the pool then falls
+// back to an ordinary map() segment).
 #pragma once
 
 #include <cstddef>
@@ -19,9 +35,48 @@ class Upstream {
   virtual void* map(size_t bytes, uint64_t stream) = 0;
   // Returns a segment obtained from map() with the same size.
   virtual void unmap(void* ptr, size_t bytes, uint64_t stream) = 0;
-  // Segment sizes are rounded up to a multiple of this (a power of two).
+  // Segment sizes are rounded up to a multiple of this (a power of two). In expandable mode it is
+  // also the chunk size: reservations, chunk addresses and chunk sizes are multiples of it.
   virtual size_t granularity() const = 0;
   virtual const char* name() const = 0;
+
+  // ---- expandable segments (Note [Expandable segments]); optional ----
+  virtual bool can_expand() const { return false; }
+  // Bytes of address space to reserve per expandable segment (a multiple of granularity()).
+  virtual size_t reservation_bytes() const { return 0; }
+  // Reserves address space with no memory behind it; nullptr when it cannot.
+  virtual void* reserve(size_t /*bytes*/, uint64_t /*stream*/) { return nullptr; }
+  virtual void unreserve(void* /*base*/, size_t /*bytes*/, uint64_t /*stream*/) {}
+  // Puts memory behind [addr, addr + bytes) of a reservation; false (and nothing mapped) when the
+  // memory cannot be had.
+  virtual bool map_chunk(void* /*addr*/, size_t /*bytes*/, uint64_t /*stream*/) { return false; }
+  // Returns the memory behind a range previously mapped with map_chunk (any chunk-aligned part).
+  virtual void unmap_chunk(void* /*addr*/, size_t /*bytes*/, uint64_t /*stream*/) {}
+};
+
+// Note [Stream ordering]
+// ----------------------
+// Rationale: device memory freed by the caller may still be read or written by kernels queued on
+// other streams (torch's record_stream).  Reusing it at once on the stream that freed it is safe
+// (work on one stream runs in order); reusing it before the other streams have passed the free
+// is not.  Approach (as PyTorch's caching allocator): the allocator remembers the extra streams a
+// block was used on; when such a block is freed it records one event per extra stream and parks
+// the block as "deferred" (active, not allocated, not reusable); allocate() and empty_cache()
+// poll the events and release a deferred block to its stream's free lists once all are done.
+// Blocks are only ever reused on the stream of their segment.  Limitation: polling, not waiting:
+// empty_cache() releases only what no stream can still use, and the out-of-memory retry does not
+// wait for pending events either (a synchronize before calling empty_cache() does).
+class StreamEvents {
+ public:
+  virtual ~StreamEvents() = default;
+  using Event = uint64_t;  // 0: none
+  // Records an event on `stream` after the work queued there so far; 0 when it cannot, and the
+  // caller then synchronize()s the stream instead.
+  virtual Event record(uint64_t stream) = 0;
+  // True once the work before the event has completed.
+  virtual bool done(Event e) = 0;
+  virtual void destroy(Event e) = 0;
+  virtual void synchronize(uint64_t stream) = 0;
 };
 
 }  // namespace torchpool

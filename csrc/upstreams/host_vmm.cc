@@ -1,0 +1,116 @@
+#include "host_vmm.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace torchpool {
+namespace {
+constexpr size_t kGran = 2u << 20;
+size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+}  // namespace
+
+HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
+  size_t r = options_.reservation_bytes;
+  if (r == 0) r = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  reservation_ = round_up(r, kGran);
+}
+
+HostVmmUpstream::~HostVmmUpstream() {
+  for (auto& [base, r] : reservations_) {
+    ::munmap(reinterpret_cast<void*>(base), r.bytes);
+    ::close(r.fd);
+  }
+}
+
+bool HostVmmUpstream::take(size_t bytes) {
+  size_t cur = mapped_.load(std::memory_order_relaxed);
+  do {
+    if (options_.max_mapped_bytes && cur + bytes > options_.max_mapped_bytes) return false;
+  } while (!mapped_.compare_exchange_weak(cur, cur + bytes, std::memory_order_relaxed));
+  return true;
+}
+
+void* HostVmmUpstream::map(size_t bytes, uint64_t /*stream*/) {
+  if (!take(bytes)) return nullptr;
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (options_.populate ? MAP_POPULATE : 0);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (p == MAP_FAILED) {
+    mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+    return nullptr;
+  }
+  return p;
+}
+
+void HostVmmUpstream::unmap(void* ptr, size_t bytes, uint64_t /*stream*/) {
+  ::munmap(ptr, bytes);
+  mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
+void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
+  // Aligned to the granularity: over-reserve by one chunk and trim the ends.
+  const size_t span = bytes + kGran;
+  void* raw = ::mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const auto start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t base = round_up(start, kGran);
+  if (base > start) ::munmap(raw, base - start);
+  if (start + span > base + bytes) ::munmap(reinterpret_cast<void*>(base + bytes), start + span - (base + bytes));
+  const int fd = ::memfd_create("torchpool-host-vmm", MFD_CLOEXEC);
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    if (fd >= 0) ::close(fd);
+    ::munmap(reinterpret_cast<void*>(base), bytes);
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  reservations_[base] = {bytes, fd};
+  reserved_.fetch_add(bytes, std::memory_order_relaxed);
+  return reinterpret_cast<void*>(base);
+}
+
+void HostVmmUpstream::unreserve(void* base, size_t bytes, uint64_t /*stream*/) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = reservations_.find(reinterpret_cast<uintptr_t>(base));
+  if (it == reservations_.end() || it->second.bytes != bytes)
+    throw std::logic_error("host_vmm: unreserve of a range that is not a reservation");
+  ::munmap(base, bytes);
+  ::close(it->second.fd);
+  reservations_.erase(it);
+  reserved_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
+std::pair<uintptr_t, HostVmmUpstream::Reservation> HostVmmUpstream::find(uintptr_t addr, size_t bytes) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto& [base, r] : reservations_)
+    if (addr >= base && addr + bytes <= base + r.bytes) return {base, r};
+  return {0, {0, -1}};
+}
+
+bool HostVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t /*stream*/) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  auto [base, r] = find(a, bytes);
+  if (r.fd < 0) throw std::logic_error("host_vmm: map_chunk outside every reservation");
+  if (!take(bytes)) return false;
+  const int flags = MAP_SHARED | MAP_FIXED | (options_.populate ? MAP_POPULATE : 0);
+  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, flags, r.fd, static_cast<off_t>(a - base));
+  if (p == MAP_FAILED) {
+    mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
+void HostVmmUpstream::unmap_chunk(void* addr, size_t bytes, uint64_t /*stream*/) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  auto [base, r] = find(a, bytes);
+  if (r.fd < 0) throw std::logic_error("host_vmm: unmap_chunk outside every reservation");
+  // Address space back to PROT_NONE first, then free the pages behind it (Note [Host VMM]).
+  ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  ::fallocate(r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(a - base), static_cast<off_t>(bytes));
+  mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
+}  // namespace torchpool

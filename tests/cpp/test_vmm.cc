@@ -1,0 +1,216 @@
+// Expandable segments on the host VMM upstream (Note [Expandable segments], Note [Host VMM]) and
+// stream-ordered reuse with a scripted StreamEvents (Note [Stream ordering]), with the is_valid()
+// walk after every step (TORCHPOOL_DEBUG=2 in CI).
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "core/allocator.h"
+#include "upstreams/host_vmm.h"
+
+using namespace torchpool;
+
+namespace {
+constexpr size_t MiB = 1u << 20;
+
+std::shared_ptr<HostVmmUpstream> vmm(size_t max_mapped = 0) {
+  HostVmmOptions o;
+  o.reservation_bytes = 256 * MiB;
+  o.max_mapped_bytes = max_mapped;
+  return std::make_shared<HostVmmUpstream>(o);
+}
+
+// Events complete when the test says so.
+class ScriptedEvents final : public StreamEvents {
+ public:
+  Event record(uint64_t stream) override {
+    events_[++next_] = {stream, false};
+    return next_;
+  }
+  bool done(Event e) override { return events_.at(e).second; }
+  void destroy(Event e) override { events_.erase(e); }
+  void synchronize(uint64_t stream) override { complete(stream); }
+  void complete(uint64_t stream) {
+    for (auto& [id, ev] : events_)
+      if (ev.first == stream) ev.second = true;
+  }
+  size_t live() const { return events_.size(); }
+
+ private:
+  Event next_ = 0;
+  std::map<Event, std::pair<uint64_t, bool>> events_;
+};
+}  // namespace
+
+TEST_CASE("host_vmm: a large request grows the segment in place and the new chunk merges with the free tail") {
+  auto up = vmm();
+  CachingAllocator a(up, {});
+  void* p = a.allocate(10 * MiB);
+  void* q = a.allocate(6 * MiB);
+  CHECK(reinterpret_cast<uintptr_t>(q) == reinterpret_cast<uintptr_t>(p) + 10 * MiB);  // same reservation
+  CHECK(a.stats().segment.current == 1);
+  a.free(q);                         // free tail of 6 MiB
+  void* r = a.allocate(9 * MiB);     // grows by 4 MiB (rounded to 2 MiB chunks), not by 9 MiB
+  CHECK(r == q);
+  CHECK(a.stats().reserved_bytes.current == static_cast<int64_t>(20 * MiB));
+  CHECK(up->mapped_bytes() == 20 * MiB);
+  CHECK(a.stats().num_chunk_maps == 3);
+  std::memset(r, 0x5a, 9 * MiB);     // the memory is real
+  std::memset(p, 0x11, 10 * MiB);
+  CHECK(static_cast<unsigned char*>(r)[9 * MiB - 1] == 0x5a);
+  a.free(p);
+  a.free(r);
+  CHECK(a.check() == "");
+  CHECK(a.stats().inactive_split_bytes.current == 0);  // everything coalesced into one block
+  CHECK(a.empty_cache() == 20 * MiB);
+  CHECK(up->mapped_bytes() == 0);
+  CHECK(up->reserved_bytes() == 0);
+}
+
+TEST_CASE("host_vmm: empty_cache unmaps whole free chunks at the tail and keeps live data") {
+  auto up = vmm();
+  CachingAllocator a(up, {});
+  auto* p = static_cast<unsigned char*>(a.allocate(5 * MiB));
+  void* q = a.allocate(12 * MiB);
+  std::memset(p, 7, 5 * MiB);
+  a.free(q);
+  CHECK(a.stats().reserved_bytes.current == static_cast<int64_t>(18 * MiB));
+  const size_t released = a.empty_cache();
+  CHECK(released == 12 * MiB);  // the chunk holding p's last MiB stays
+  CHECK(a.stats().reserved_bytes.current == static_cast<int64_t>(6 * MiB));
+  CHECK(up->mapped_bytes() == 6 * MiB);
+  CHECK(a.stats().num_chunk_unmaps == 1);
+  CHECK(p[5 * MiB - 1] == 7);
+  void* r = a.allocate(3 * MiB);  // grows again at the tail, merging the 1 MiB free remainder
+  CHECK(reinterpret_cast<uintptr_t>(r) == reinterpret_cast<uintptr_t>(p) + 5 * MiB);
+  a.free(r);
+  a.free(p);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("host_vmm: the map limit gives out-of-memory, and the retry's tail release makes room") {
+  auto up = vmm(24 * MiB);
+  CachingAllocator a(up, {});
+  void* p = a.allocate(8 * MiB);
+  void* q = a.allocate(12 * MiB);
+  a.free(q);
+  void* r = a.allocate(4 * MiB);  // carved from the free tail: no new memory
+  CHECK(up->mapped_bytes() == 20 * MiB);
+  CHECK_THROWS_AS(a.allocate(20 * MiB), OutOfMemory);
+  CHECK(a.stats().num_ooms == 1);
+  a.free(r);
+  void* s = a.allocate(16 * MiB);  // grows the free 12 MiB tail by 4 MiB, up to the limit
+  CHECK(s != nullptr);
+  CHECK(a.stats().num_alloc_retries == 1);
+  CHECK(up->mapped_bytes() <= 24 * MiB);
+  a.free(s);
+  a.free(p);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("host_vmm: max_cached_bytes shrinks the tail on free") {
+  auto up = vmm();
+  AllocatorConfig cfg;
+  cfg.pool.max_cached_bytes = 2 * MiB;
+  CachingAllocator a(up, cfg);
+  void* p = a.allocate(4 * MiB);
+  void* q = a.allocate(16 * MiB);
+  a.free(q);
+  CHECK(a.stats().reserved_bytes.current == static_cast<int64_t>(4 * MiB));
+  a.free(p);  // the whole segment is free and over the limit: it is unreserved
+  CHECK(up->reserved_bytes() == 0);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("host_vmm: random workload keeps every invariant and returns every byte") {
+  auto up = vmm();
+  CachingAllocator a(up, {});
+  std::mt19937_64 rng(11);
+  std::vector<std::pair<unsigned char*, size_t>> live;
+  for (int i = 0; i < 1500; ++i) {
+    if (live.empty() || rng() % 100 < 55) {
+      const size_t n = rng() % 4 ? 1 + rng() % 8192 : MiB + rng() % (12 * MiB);
+      auto* p = static_cast<unsigned char*>(a.allocate(n));
+      p[0] = p[n - 1] = 0xab;
+      live.push_back({p, n});
+    } else {
+      const size_t k = rng() % live.size();
+      CHECK(live[k].first[live[k].second - 1] == 0xab);
+      a.free(live[k].first);
+      live[k] = live.back();
+      live.pop_back();
+    }
+    if (i % 100 == 0) a.empty_cache();
+  }
+  for (auto& [p, n] : live) a.free(p);
+  CHECK(a.check() == "");
+  a.empty_cache();
+  CHECK(a.stats().reserved_bytes.current == 0);
+  CHECK(up->mapped_bytes() == 0);
+}
+
+TEST_CASE("stream ordering: a block used on another stream is reused only after its event completes") {
+  auto events = std::make_shared<ScriptedEvents>();
+  CachingAllocator a(vmm(), {}, events);
+  constexpr uint64_t s1 = 1, s2 = 2;
+  void* p = a.allocate(3 * MiB, s1);
+  CHECK(a.record_stream(p, s2));
+  CHECK(a.record_stream(p, s1));  // its own stream: nothing to wait for
+  a.free(p);
+  auto st = a.stats();
+  CHECK(st.allocated_bytes.current == 0);
+  CHECK(st.active_bytes.current == static_cast<int64_t>(3 * MiB));  // active, not allocated
+  CHECK(st.num_deferred_frees == 1);
+  CHECK(events->live() == 1);
+  void* q = a.allocate(3 * MiB, s1);
+  CHECK(q != p);  // s2 may still use p
+  CHECK(a.empty_cache() == 0);  // neither p's chunks nor q's can go
+  CHECK(a.check() == "");
+  events->complete(s2);
+  a.free(q);
+  void* r = a.allocate(3 * MiB, s1);
+  CHECK(r == p);  // released by the poll in allocate(): reused on the stream that allocated it
+  CHECK(events->live() == 0);
+  CHECK(a.stats().active_bytes.current == static_cast<int64_t>(3 * MiB));
+  a.free(r);
+  CHECK(a.check() == "");
+  CHECK(a.empty_cache() > 0);
+  CHECK(a.stats().reserved_bytes.current == 0);
+}
+
+TEST_CASE("stream ordering: blocks are reused only on their own stream") {
+  auto events = std::make_shared<ScriptedEvents>();
+  CachingAllocator a(std::make_shared<HostVmmUpstream>(HostVmmOptions{false}), {}, events);
+  void* p = a.allocate(1000, 1);
+  a.free(p);
+  void* q = a.allocate(1000, 2);
+  CHECK(q != p);
+  void* r = a.allocate(1000, 1);
+  CHECK(r == p);
+  a.free(q);
+  a.free(r);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("stream ordering: small blocks wait too, empty_cache keeps their segment, host allocators refuse") {
+  auto events = std::make_shared<ScriptedEvents>();
+  CachingAllocator a(vmm(), {}, events);
+  void* p = a.allocate(4096, 5);
+  a.record_stream(p, 6);
+  a.free(p);
+  CHECK(a.empty_cache() == 0);
+  CHECK(a.stats().segment.current == 1);
+  CHECK(a.process_events() == 1);
+  events->complete(6);
+  CHECK(a.process_events() == 0);
+  CHECK(a.empty_cache() == 2 * MiB);
+  CHECK(a.check() == "");
+  CachingAllocator host(vmm(), {});
+  void* h = host.allocate(64);
+  CHECK_FALSE(host.record_stream(h, 3));
+  host.free(h);
+}
