@@ -1,0 +1,286 @@
+#include "replay.h"
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "../core/allocator.h"
+#include "../upstreams/fake.h"
+#include "pytorch_policy.h"
+#include "system.h"
+
+namespace torchpool::replay {
+
+// ---- compile: Note [Replay slots] -----------------------------------------------------------------
+
+CompiledTrace compile(const TraceEvent* events, size_t n) {
+  CompiledTrace t;
+  t.ops.reserve(n);
+  std::unordered_map<uint64_t, std::pair<uint32_t, uint64_t>> live;  // addr -> (slot, size)
+  live.reserve(1024);
+  std::vector<uint32_t> spare;
+  uint64_t live_bytes = 0;
+  auto emit_free = [&](uint32_t slot, uint64_t size, uint64_t stream) {
+    t.ops.push_back({size, stream, slot, 1});
+    spare.push_back(slot);
+    live_bytes -= size;
+    ++t.frees;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const TraceEvent& e = events[i];
+    if (e.op == TraceOp::kAlloc) {
+      const uint64_t size = e.requested ? e.requested : e.size;
+      if (size == 0) {
+        ++t.ignored_events;
+        continue;
+      }
+      if (auto it = live.find(e.addr); it != live.end()) {
+        ++t.reused_live_addresses;
+        emit_free(it->second.first, it->second.second, e.stream);
+        live.erase(it);
+      }
+      uint32_t slot;
+      if (!spare.empty()) {
+        slot = spare.back();
+        spare.pop_back();
+      } else {
+        slot = t.num_slots++;
+      }
+      live.emplace(e.addr, std::make_pair(slot, size));
+      t.ops.push_back({size, e.stream, slot, 0});
+      ++t.allocs;
+      live_bytes += size;
+      if (live_bytes > t.peak_live_bytes) {
+        t.peak_live_bytes = live_bytes;
+        t.peak_live_op = t.ops.size() - 1;
+      }
+    } else if (e.op == TraceOp::kFree) {
+      auto it = live.find(e.addr);
+      if (it == live.end()) {
+        ++t.unmatched_frees;
+        continue;
+      }
+      emit_free(it->second.first, it->second.second, e.stream);
+      live.erase(it);
+    } else {
+      ++t.ignored_events;
+    }
+  }
+  t.final_live_bytes = live_bytes;
+  return t;
+}
+
+// ---- adapters ---------------------------------------------------------------------------------
+
+namespace {
+
+class TorchpoolAdapter final : public Adapter {
+ public:
+  TorchpoolAdapter(const PoolConfig& pool, size_t granularity)
+      : upstream_(std::make_shared<FakeUpstream>(SIZE_MAX, granularity)), alloc_(upstream_, config(pool)) {}
+  void* allocate(size_t bytes, uint64_t stream) override {
+    try {
+      return alloc_.allocate(bytes, stream);
+    } catch (const OutOfMemory&) {
+      return nullptr;
+    }
+  }
+  void deallocate(void* p, size_t, uint64_t) override { alloc_.free(p); }
+  size_t block_size(void* p) override { return alloc_.block_size(p).first; }
+  size_t reserved_bytes() override { return upstream_->mapped(); }
+  int64_t largest_free_block() override { return alloc_.stats().largest_free_block; }
+  int64_t upstream_calls() override { return static_cast<int64_t>(upstream_->map_calls() + upstream_->unmap_calls()); }
+  std::vector<SegmentView> snapshot() override { return alloc_.snapshot(); }
+
+ private:
+  static AllocatorConfig config(const PoolConfig& pool) {
+    AllocatorConfig c;
+    c.pool = pool;
+    c.arenas = 1;  // replay is single-threaded; one arena gives exact peaks (Note [Arenas])
+    c.device_name = "replay";
+    return c;
+  }
+  std::shared_ptr<FakeUpstream> upstream_;
+  CachingAllocator alloc_;
+};
+
+class PytorchAdapter final : public Adapter {
+ public:
+  explicit PytorchAdapter(PytorchPolicyConfig c) : p_(c) {}
+  void* allocate(size_t bytes, uint64_t stream) override { return p_.allocate(bytes, stream); }
+  void deallocate(void* p, size_t, uint64_t) override { p_.free(p); }
+  size_t block_size(void* p) override { return p_.block_size(p); }
+  size_t reserved_bytes() override { return p_.reserved_bytes(); }
+  int64_t largest_free_block() override { return static_cast<int64_t>(p_.largest_free_block()); }
+  int64_t upstream_calls() override { return static_cast<int64_t>(p_.upstream_calls()); }
+  std::vector<SegmentView> snapshot() override { return p_.snapshot(); }
+
+ private:
+  PytorchPolicy p_;
+};
+
+}  // namespace
+
+std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity) {
+  return std::make_unique<TorchpoolAdapter>(pool, granularity);
+}
+
+// torchpool's modes.  Each is a PoolConfig; the core's defaults are the product's defaults.
+const std::vector<TorchpoolMode>& torchpool_modes() {
+  static const std::vector<TorchpoolMode> modes = [] {
+    std::vector<TorchpoolMode> m;
+    PoolConfig def;
+    m.push_back({"torchpool", "torchpool defaults: size classes up to 1 MiB, best fit above, 2 MiB segments", def, 2u << 20});
+    PoolConfig bestfit = def;
+    bestfit.size_classes = false;
+    m.push_back({"torchpool-bestfit", "torchpool with size_classes=false: best fit for every size", bestfit, 2u << 20});
+    PoolConfig cuda = def;
+    cuda.alignment = 512;
+    m.push_back({"torchpool-align512", "torchpool with PyTorch's 512 B alignment of CUDA blocks", cuda, 2u << 20});
+    return m;
+  }();
+  return modes;
+}
+
+const std::vector<AllocatorInfo>& allocators() {
+  static const std::vector<AllocatorInfo> all = [] {
+    std::vector<AllocatorInfo> v;
+    for (const TorchpoolMode& m : torchpool_modes()) {
+      v.push_back({m.name, "torchpool", m.description, true, "",
+                   [pool = m.pool, g = m.granularity] { return make_torchpool_adapter(pool, g); }});
+    }
+    PytorchPolicyConfig pt;
+    v.push_back({"pytorch", "emulation", "emulation of PyTorch's CUDACachingAllocator policy (defaults)", true, "",
+                 [pt] { return std::unique_ptr<Adapter>(new PytorchAdapter(pt)); }});
+    PytorchPolicyConfig pte;
+    pte.expandable_segments = true;
+    v.push_back({"pytorch-expandable", "emulation", "emulation of PyTorch's policy with expandable_segments:True", true, "",
+                 [pte] { return std::unique_ptr<Adapter>(new PytorchAdapter(pte)); }});
+    for (const char* name : {"glibc", "jemalloc", "tcmalloc", "mimalloc"}) {
+      std::string why;
+      AdapterFactory f = system_allocator(name, &why);
+      v.push_back({name, "system", std::string(name) + " through its own API (Note [System allocators by dlopen])",
+                   static_cast<bool>(f), why, f});
+    }
+    return v;
+  }();
+  return all;
+}
+
+const AllocatorInfo* find_allocator(const std::string& name) {
+  for (const auto& a : allocators())
+    if (a.name == name) return &a;
+  return nullptr;
+}
+
+// ---- measure / time ---------------------------------------------------------------------------
+
+namespace {
+
+void require(const AllocatorInfo& alloc) {
+  if (!alloc.available || !alloc.make)
+    throw std::runtime_error("allocator '" + alloc.name + "' is not available: " + alloc.unavailable_reason);
+}
+
+}  // namespace
+
+Result measure(const AllocatorInfo& alloc, const CompiledTrace& trace, const MeasureOptions& opt,
+               std::unique_ptr<Adapter>* keep) {
+  require(alloc);
+  std::unique_ptr<Adapter> a = alloc.make();
+  Result r;
+  r.allocator = alloc.name;
+  std::vector<void*> ptr(trace.num_slots, nullptr);
+  std::vector<size_t> block(trace.num_slots, 0);
+  const bool cheap = a->reserved_is_cheap();
+  const size_t stride = opt.timeline_points ? std::max<size_t>(1, trace.ops.size() / opt.timeline_points) : 0;
+  uint64_t live = 0, allocated = 0, reserved = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const size_t n = std::min<uint64_t>(trace.ops.size(), opt.stop_after_op == UINT64_MAX ? UINT64_MAX : opt.stop_after_op + 1);
+  for (size_t i = 0; i < n; ++i) {
+    const Op& op = trace.ops[i];
+    bool sample = cheap;
+    if (!op.is_free) {
+      void* p = a->allocate(op.size, op.stream);
+      ++r.allocs;
+      if (!p) {
+        ++r.ooms;
+        ptr[op.slot] = nullptr;
+        block[op.slot] = 0;
+      } else {
+        const size_t b = a->block_size(p);
+        ptr[op.slot] = p;
+        block[op.slot] = b;
+        live += op.size;
+        allocated += b;
+        if (live > r.peak_live_bytes) r.peak_live_bytes = live;
+      }
+      if (op.size >= opt.sample_bytes) sample = true;
+    } else {
+      ++r.frees;
+      if (void* p = ptr[op.slot]) {
+        a->deallocate(p, op.size, op.stream);
+        live -= op.size;
+        allocated -= block[op.slot];
+        ptr[op.slot] = nullptr;
+      }
+    }
+    if (!sample && opt.sample_every && i % opt.sample_every == 0) sample = true;
+    if (sample || i + 1 == n) {
+      reserved = a->reserved_bytes();
+      ++r.reserved_samples;
+      if (reserved > r.peak_reserved_bytes) {  // a new peak: the "at the peak" measures are taken here
+        r.peak_reserved_bytes = reserved;
+        r.peak_reserved_op = i;
+        r.internal_waste_bytes = static_cast<int64_t>(allocated) - static_cast<int64_t>(live);
+        const int64_t lfb = a->largest_free_block();
+        const int64_t free_bytes = static_cast<int64_t>(reserved) - static_cast<int64_t>(allocated);
+        if (lfb < 0) r.external_fragmentation = NAN;
+        else r.external_fragmentation = free_bytes > 0 ? 1.0 - static_cast<double>(lfb) / static_cast<double>(free_bytes) : 0.0;
+      }
+    }
+    if (stride && (i % stride == 0 || i + 1 == n)) r.timeline.push_back({i, live, reserved});
+  }
+  r.measure_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.ops = n;
+  r.upstream_calls = a->upstream_calls();
+  if (keep) {
+    *keep = std::move(a);
+    return r;
+  }
+  for (size_t s = 0; s < ptr.size(); ++s)
+    if (ptr[s]) a->deallocate(ptr[s], 0, 0);
+  a->release();
+  return r;
+}
+
+double time_ops(const AllocatorInfo& alloc, const CompiledTrace& trace, int repeats) {
+  require(alloc);
+  double best = 1e300;
+  std::vector<void*> ptr(trace.num_slots, nullptr);
+  for (int rep = 0; rep < std::max(1, repeats); ++rep) {
+    std::unique_ptr<Adapter> a = alloc.make();
+    std::fill(ptr.begin(), ptr.end(), nullptr);
+    const Op* ops = trace.ops.data();
+    const size_t n = trace.ops.size();
+    Adapter* ad = a.get();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; ++i) {
+      const Op& op = ops[i];
+      if (!op.is_free) {
+        ptr[op.slot] = ad->allocate(op.size, op.stream);
+      } else if (void* p = ptr[op.slot]) {
+        ad->deallocate(p, op.size, op.stream);
+        ptr[op.slot] = nullptr;
+      }
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    for (void* p : ptr)
+      if (p) ad->deallocate(p, 0, 0);
+    ad->release();
+  }
+  return best;
+}
+
+}  // namespace torchpool::replay

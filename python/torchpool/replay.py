@@ -1,0 +1,77 @@
+"""Replay traces against allocators (the C++ engine in csrc/replay) and turn the results into rows.
+
+    from torchpool import trace, replay
+    rows = replay.replay(trace.load("bench/traces/gpt_train.tptrace.gz"), ["torchpool", "pytorch"])
+
+Each row: trace, allocator, peak_live_bytes, peak_reserved_bytes, utilization, internal_waste_bytes,
+external_fragmentation, upstream_calls, ops_per_s (Note [Measures] in csrc/replay/replay.h and
+docs/fragmentation.md say exactly what each one is).
+"""
+
+from __future__ import annotations
+
+from ._build import _C
+from .trace import Trace
+
+# The allocators a report shows by default, in this order.
+DEFAULT_ALLOCATORS = ["torchpool", "torchpool-bestfit", "pytorch", "pytorch-expandable",
+                      "glibc", "jemalloc", "tcmalloc", "mimalloc"]
+ROW_KEYS = ["trace", "allocator", "peak_live_bytes", "peak_reserved_bytes", "utilization", "internal_waste_bytes",
+            "external_fragmentation", "upstream_calls", "ops_per_s"]
+
+
+def allocators() -> list[dict]:
+    """Every allocator the replay knows: name, kind, description, available, unavailable_reason."""
+    return _C.replay_allocators()
+
+
+def available(names: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the names that can run, {name: why not} for the others). Unknown names raise ValueError."""
+    known = {a["name"]: a for a in allocators()}
+    names = list(names) if names else DEFAULT_ALLOCATORS
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown allocator(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    ok = [n for n in names if known[n]["available"]]
+    skipped = {n: known[n]["unavailable_reason"] for n in names if not known[n]["available"]}
+    return ok, skipped
+
+
+def compile_trace(trace: Trace):
+    return _C.ReplayTrace(trace.to_bytes())
+
+
+def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timeline_points: int = 0,
+           compiled=None) -> list[dict]:
+    """Measure and time `trace` against each allocator in `names` (default: DEFAULT_ALLOCATORS that are
+    available).  With timeline_points > 0 each row also has "timeline": [(op, live, reserved)]."""
+    ok, _ = available(names)
+    rt = compiled or compile_trace(trace)
+    rows = []
+    for name in ok:
+        m = rt.measure(name, timeline_points=timeline_points)
+        seconds = rt.time(name, repeats=repeats)
+        ops = m["allocs"] + m["frees"]
+        row = {
+            "trace": trace.name,
+            "allocator": name,
+            "peak_live_bytes": m["peak_live_bytes"],
+            "peak_reserved_bytes": m["peak_reserved_bytes"],
+            "utilization": m["peak_live_bytes"] / m["peak_reserved_bytes"] if m["peak_reserved_bytes"] else None,
+            "internal_waste_bytes": m["internal_waste_bytes"],
+            "external_fragmentation": m["external_fragmentation"],
+            "upstream_calls": m["upstream_calls"],
+            "ops_per_s": ops / seconds if seconds > 0 else None,
+        }
+        extra = {"ops": ops, "ooms": m["ooms"], "peak_reserved_op": m["peak_reserved_op"],
+                 "reserved_samples": m["reserved_samples"]}
+        if timeline_points:
+            extra["timeline"] = m["timeline"]
+        row["_extra"] = extra
+        rows.append(row)
+    return rows
+
+
+def public(row: dict) -> dict:
+    """The row as --json prints it (the documented keys only)."""
+    return {k: row.get(k) for k in ROW_KEYS}
