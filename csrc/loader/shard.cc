@@ -1,0 +1,205 @@
+#include "shard.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+namespace torchpool::loader {
+
+namespace {
+size_t page_size() {
+  static const size_t p = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  return p;
+}
+}  // namespace
+
+ShardFile::ShardFile(const std::string& path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw CheckpointError(path, "", kRuleIo, std::string("cannot open: ") + std::strerror(errno));
+  try {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) throw CheckpointError(path, "", kRuleIo, std::string("fstat: ") + std::strerror(errno));
+    if (!S_ISREG(st.st_mode)) throw CheckpointError(path, "", kRuleIo, "not a regular file");
+    header_ = read_header(path, fd_, static_cast<uint64_t>(st.st_size));
+    // Note [Mapping protection]
+    void* p = ::mmap(nullptr, header_.file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
+    if (p == MAP_FAILED) throw CheckpointError(path, "", kRuleIo, std::string("mmap: ") + std::strerror(errno));
+    base_ = static_cast<uint8_t*>(p);
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+ShardFile::~ShardFile() {
+  if (base_) ::munmap(base_, header_.file_size);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+double ShardFile::resident_fraction(uint64_t offset, uint64_t len) const {
+  if (len == 0) return 1.0;
+  const size_t ps = page_size();
+  const uint64_t a = offset / ps * ps;
+  const uint64_t b = std::min<uint64_t>((offset + len + ps - 1) / ps * ps, (header_.file_size + ps - 1) / ps * ps);
+  const size_t pages = (b - a) / ps;
+  std::vector<unsigned char> vec(pages);
+  if (::mincore(base_ + a, b - a, vec.data()) != 0) return 0.0;
+  size_t in = 0;
+  for (unsigned char c : vec) in += c & 1;
+  return pages ? static_cast<double>(in) / pages : 1.0;
+}
+
+void ShardFile::prefetch(uint64_t offset, uint64_t len) const {
+  if (len == 0) return;
+  const size_t ps = page_size();
+  const uint64_t a = offset / ps * ps;
+  ::madvise(base_ + a, offset + len - a, MADV_WILLNEED);
+}
+
+void ShardFile::drop_mapped(uint64_t offset, uint64_t len) const {
+  if (len == 0) return;
+  const size_t ps = page_size();
+  // Only whole pages inside the range: a neighbouring tensor may share the edge pages.
+  const uint64_t a = (offset + ps - 1) / ps * ps;
+  const uint64_t b = (offset + len) / ps * ps;
+  if (b > a) ::madvise(base_ + a, b - a, MADV_DONTNEED);
+}
+
+void ShardFile::populate(uint64_t offset, uint64_t len, unsigned threads) const {
+  if (len == 0) return;
+  const size_t ps = page_size();
+  const uint64_t a = offset / ps * ps;
+  const uint64_t b = std::min<uint64_t>(offset + len, header_.file_size);
+  if (b <= a) return;
+  constexpr uint64_t kPiece = 8u << 20;
+  const uint64_t pieces = (b - a + kPiece - 1) / kPiece;
+  std::atomic<uint64_t> next{0};
+  auto work = [&] {
+    for (;;) {
+      const uint64_t i = next.fetch_add(1);
+      if (i >= pieces) return;
+      const uint64_t s = a + i * kPiece, e = std::min<uint64_t>(b, s + kPiece);
+#ifdef MADV_POPULATE_READ
+      if (::madvise(base_ + s, e - s, MADV_POPULATE_READ) == 0) continue;
+#endif
+      volatile uint8_t sink = 0;
+      for (uint64_t o = s; o < e; o += ps) sink = sink + base_[o];
+      (void)sink;
+    }
+  };
+  threads = static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(threads, pieces)));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+void ShardFile::pread_exact(uint8_t* dst, uint64_t len, uint64_t offset, const std::string& tensor) const {
+  uint64_t done = 0;
+  while (done < len) {
+    const ssize_t r = ::pread(fd_, dst + done, len - done, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw CheckpointError(path(), tensor, kRuleIo, "pread at offset " + std::to_string(offset + done) + ": " + std::strerror(errno));
+    }
+    if (r == 0)
+      throw CheckpointError(path(), tensor, kRuleReadShort, "the file ended at offset " + std::to_string(offset + done) +
+                                                                " (it shrank after it was opened?)");
+    done += static_cast<uint64_t>(r);
+    bytes_read_.fetch_add(static_cast<uint64_t>(r), std::memory_order_relaxed);
+    preads_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+void parallel_pread(const std::vector<ReadOp>& ops, unsigned threads, size_t chunk_bytes) {
+  struct Piece {
+    const ReadOp* op;
+    uint64_t off;
+    uint64_t len;
+  };
+  std::vector<Piece> pieces;
+  for (const ReadOp& op : ops)
+    for (uint64_t o = 0; o < op.len; o += chunk_bytes) pieces.push_back({&op, o, std::min<uint64_t>(chunk_bytes, op.len - o)});
+  if (pieces.empty()) return;
+  threads = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mu;
+  auto work = [&] {
+    static const std::string kNone;
+    for (;;) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      const size_t i = next.fetch_add(1);
+      if (i >= pieces.size()) return;
+      const Piece& p = pieces[i];
+      try {
+        p.op->file->pread_exact(p.op->dst + p.off, p.len, p.op->offset + p.off, p.op->tensor ? *p.op->tensor : kNone);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(mu);
+        if (!error) error = std::current_exception();
+        failed = true;
+        return;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+std::vector<Run> slice_runs(const std::vector<uint64_t>& shape, size_t elem_bytes, uint64_t base,
+                            const std::vector<uint64_t>& start, const std::vector<uint64_t>& stop) {
+  const size_t nd = shape.size();
+  if (start.size() != nd || stop.size() != nd) throw std::invalid_argument("slice_runs: rank mismatch");
+  for (size_t d = 0; d < nd; ++d)
+    if (start[d] > stop[d] || stop[d] > shape[d]) throw std::invalid_argument("slice_runs: slice out of range");
+  std::vector<Run> runs;
+  for (size_t d = 0; d < nd; ++d)
+    if (start[d] == stop[d]) return runs;  // empty slice
+  // Row-major strides in bytes.
+  std::vector<uint64_t> stride(nd);
+  uint64_t s = elem_bytes;
+  for (size_t d = nd; d-- > 0;) {
+    stride[d] = s;
+    s *= shape[d];
+  }
+  // k: the outermost dimension such that every dimension after it is taken whole.
+  size_t k = nd;  // nd: a scalar, one run of elem_bytes
+  for (size_t d = nd; d-- > 0;) {
+    k = d;
+    if (!(start[d] == 0 && stop[d] == shape[d])) break;
+  }
+  if (nd == 0) {
+    runs.push_back({base, elem_bytes, 0});
+    return runs;
+  }
+  const uint64_t run_len = (stop[k] - start[k]) * stride[k];
+  std::vector<uint64_t> idx(start.begin(), start.begin() + k);
+  uint64_t dst = 0;
+  for (;;) {
+    uint64_t off = base + start[k] * stride[k];
+    for (size_t d = 0; d < k; ++d) off += idx[d] * stride[d];
+    if (!runs.empty() && runs.back().offset + runs.back().len == off) runs.back().len += run_len;
+    else runs.push_back({off, run_len, dst});
+    dst += run_len;
+    size_t d = k;
+    for (; d-- > 0;) {
+      if (++idx[d] < stop[d]) break;
+      idx[d] = start[d];
+    }
+    if (d == static_cast<size_t>(-1)) break;
+  }
+  return runs;
+}
+
+}  // namespace torchpool::loader
