@@ -1,0 +1,269 @@
+// libtorchpool_cuda.so: torchpool's caching allocator behind PyTorch's CUDAPluggableAllocator.
+//
+// Note [The pluggable allocator library]
+// --------------------------------------
+// Facts (torch 2.13, torch/csrc/cuda/CUDAPluggableAllocator.cpp): torch calls
+// alloc(size, device, stream) and free(ptr, size, device, stream) through function pointers found
+// by name in a shared library; it checks nothing about the returned pointer; memory_stats,
+// snapshot, reset_peak_stats raise and empty_cache / record_stream call hooks that only C++ can
+// set.  Approach: this library holds one CachingAllocator (core/allocator.h) per device, created
+// on first use over the CUDA driver reached with dlopen (Note [Reaching the driver]), with
+// cudaStream_t values as stream ids (blocks are reused on the stream that freed them) and CUDA
+// events for cross-stream reuse (Note [Stream ordering]).  It links no torch, no CUDA runtime and
+// no Python; everything else is a small C API that torchpool.cuda drives with ctypes: configure
+// before the first allocation, stats / snapshot as text, empty_cache, reset_peak_stats,
+// record_stream, check.  Out of memory: torch would wrap a null pointer in a tensor, so alloc calls
+// the handler torchpool.cuda installs (it throws c10::OutOfMemoryError from the extension, which
+// torch turns into torch.OutOfMemoryError); with no handler it returns null and the message is in
+// torchpool_cuda_last_error().  Limitations: allocators are never destroyed while blocks live (a
+// tensor may outlive everything); at most 64 devices; configuration is process-wide.
+#include <sys/types.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+#include "core/allocator.h"
+#include "upstreams/cuda_driver.h"
+
+#define TP_API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using namespace torchpool;
+
+constexpr int kMaxDevices = 64;
+
+struct Options {
+  AllocatorConfig alloc;
+  bool expandable = false;
+  size_t reserve_bytes = 0;
+};
+
+std::mutex g_mu;
+Options g_options;
+std::array<std::atomic<CachingAllocator*>, kMaxDevices> g_alloc{};
+std::atomic<void (*)(const char*)> g_oom_handler{nullptr};
+thread_local std::string t_error;
+thread_local std::string t_text;
+
+CachingAllocator* get(int device, bool create) {
+  if (device < 0 || device >= kMaxDevices) {
+    t_error = "torchpool: CUDA device index " + std::to_string(device) + " out of range";
+    return nullptr;
+  }
+  CachingAllocator* a = g_alloc[device].load(std::memory_order_acquire);
+  if (a || !create) return a;
+  std::lock_guard<std::mutex> g(g_mu);
+  a = g_alloc[device].load(std::memory_order_relaxed);
+  if (a) return a;
+  std::string err;
+  CudaDriver* d = CudaDriver::get(&err);
+  if (!d) {
+    t_error = err;
+    return nullptr;
+  }
+  std::shared_ptr<Upstream> up;
+  if (g_options.expandable) up = std::make_shared<CudaVmmUpstream>(*d, device, g_options.reserve_bytes);
+  else up = std::make_shared<CudaDeviceUpstream>(*d, device);
+  AllocatorConfig cfg = g_options.alloc;
+  cfg.device = device;
+  cfg.device_name = "cuda:" + std::to_string(device);
+  a = new CachingAllocator(std::move(up), std::move(cfg), std::make_shared<CudaStreamEvents>(*d, device));
+  g_alloc[device].store(a, std::memory_order_release);
+  return a;
+}
+
+bool any_allocator() {
+  for (auto& a : g_alloc)
+    if (a.load(std::memory_order_relaxed)) return true;
+  return false;
+}
+
+bool set_option(Options& o, const std::string& key, unsigned long long v) {
+  PoolConfig& p = o.alloc.pool;
+  if (key == "max_bytes") o.alloc.max_bytes = v;
+  else if (key == "max_cached_bytes") p.max_cached_bytes = v;
+  else if (key == "arenas") o.alloc.arenas = static_cast<unsigned>(v);
+  else if (key == "size_classes") p.size_classes = v != 0;
+  else if (key == "small_segment_bytes") p.small_segment_bytes = v;
+  else if (key == "large_rounding") p.large_rounding = v;
+  else if (key == "min_split_bytes") p.min_split_bytes = v;
+  else if (key == "max_split_bytes") p.max_split_bytes = v;
+  else if (key == "alignment") p.alignment = v;
+  else if (key == "expandable_segments") o.expandable = v != 0;
+  else if (key == "reserve_bytes") o.reserve_bytes = v;
+  else return false;
+  return true;
+}
+
+const char* text(std::string s) {
+  t_text = std::move(s);
+  return t_text.c_str();
+}
+
+}  // namespace
+
+// ---- the two functions CUDAPluggableAllocator calls -------------------------------------------
+
+TP_API void* torchpool_cuda_alloc(ssize_t size, int device, void* stream) {
+  if (size <= 0) return nullptr;
+  if (CachingAllocator* a = get(device, true)) {
+    try {
+      return a->allocate(static_cast<size_t>(size), reinterpret_cast<uint64_t>(stream));
+    } catch (const std::exception& e) {
+      t_error = e.what();
+    }
+  }
+  if (auto h = g_oom_handler.load(std::memory_order_acquire)) h(t_error.c_str());  // may throw
+  return nullptr;
+}
+
+TP_API void torchpool_cuda_free(void* ptr, size_t /*size*/, int device, void* /*stream*/) {
+  if (!ptr) return;
+  CachingAllocator* a = get(device, false);
+  if (a && a->free(ptr)) return;
+  for (auto& other : g_alloc)  // a pointer freed with another current device
+    if (CachingAllocator* o = other.load(std::memory_order_acquire); o && o->free(ptr)) return;
+  std::fprintf(stderr, "torchpool: torchpool_cuda_free of %p, which no torchpool CUDA allocator owns (ignored)\n", ptr);
+}
+
+// ---- control, used by torchpool.cuda through ctypes -------------------------------------------
+
+// "key=value,key=value" with integer values (booleans 0/1), before the first allocation. 0 or -1.
+TP_API int torchpool_cuda_configure(const char* conf) {
+  std::lock_guard<std::mutex> g(g_mu);
+  if (any_allocator()) {
+    t_error = "torchpool: the CUDA allocator is already in use; configure it before the first CUDA allocation";
+    return -1;
+  }
+  Options o;
+  std::stringstream in(conf ? conf : "");
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (item.empty()) continue;
+    const auto eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    char* end = nullptr;
+    const std::string val = eq == std::string::npos ? "" : item.substr(eq + 1);
+    const unsigned long long v = std::strtoull(val.c_str(), &end, 10);
+    if (val.empty() || *end != '\0') {
+      t_error = "torchpool: CUDA option '" + item + "' is not key=<integer>";
+      return -1;
+    }
+    if (!set_option(o, key, v)) {
+      t_error = "torchpool: unknown CUDA allocator option '" + key + "'";
+      return -1;
+    }
+  }
+  g_options = o;
+  return 0;
+}
+
+TP_API const char* torchpool_cuda_last_error() { return t_error.c_str(); }
+
+TP_API void torchpool_cuda_set_oom_handler(void (*handler)(const char*)) {
+  g_oom_handler.store(handler, std::memory_order_release);
+}
+
+// The loaded driver's path, "" before the first allocation, or the load error prefixed "error: ".
+TP_API const char* torchpool_cuda_driver() {
+  std::string err;
+  CudaDriver* d = CudaDriver::get(&err);
+  return text(d ? d->path : "error: " + err);
+}
+
+TP_API int torchpool_cuda_has_allocator(int device) { return get(device, false) != nullptr; }
+
+TP_API int torchpool_cuda_record_stream(void* ptr, int device, void* stream) {
+  CachingAllocator* a = get(device, false);
+  return a && a->record_stream(ptr, reinterpret_cast<uint64_t>(stream)) ? 0 : -1;
+}
+
+TP_API long long torchpool_cuda_process_events(int device) {
+  CachingAllocator* a = get(device, false);
+  return a ? static_cast<long long>(a->process_events()) : -1;
+}
+
+TP_API long long torchpool_cuda_empty_cache(int device) {
+  CachingAllocator* a = get(device, false);
+  return a ? static_cast<long long>(a->empty_cache()) : -1;
+}
+
+TP_API int torchpool_cuda_reset_peak_stats(int device) {
+  CachingAllocator* a = get(device, false);
+  if (!a) return -1;
+  a->reset_peaks();
+  return 0;
+}
+
+// "name value" lines (the names of Allocator.stats()), then "class index bytes allocated_blocks
+// peak_allocated_blocks cached_blocks requested_bytes hits misses" lines; null without an allocator.
+TP_API const char* torchpool_cuda_stats(int device) {
+  CachingAllocator* a = get(device, false);
+  if (!a) return nullptr;
+  const Stats s = a->stats();
+  std::ostringstream o;
+#define TP_GAUGE(name, help)                                                                    \
+  o << #name ".all.current " << s.name.current << "\n" #name ".all.peak " << s.name.peak        \
+    << "\n" #name ".all.allocated " << s.name.allocated << "\n" #name ".all.freed " << s.name.freed << "\n";
+  TORCHPOOL_GAUGES(TP_GAUGE)
+#undef TP_GAUGE
+#define TP_COUNTER(name, help) o << #name " " << s.name << "\n";
+  TORCHPOOL_COUNTERS(TP_COUNTER)
+#undef TP_COUNTER
+  o << "largest_free_block " << s.largest_free_block << "\n";
+  for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
+    const ClassStat& c = s.classes[i];
+    if (c.hits == 0 && c.misses == 0 && c.cached_blocks == 0 && c.allocated_blocks == 0) continue;
+    o << "class " << i << " " << class_bytes(i) << " " << c.allocated_blocks << " " << c.peak_allocated_blocks << " "
+      << c.cached_blocks << " " << c.requested_bytes << " " << c.hits << " " << c.misses << "\n";
+  }
+  return text(o.str());
+}
+
+// "segment base size stream small expandable reserved" lines, each followed by its
+// "block addr size requested class state" lines (state: free, cached, allocated, deferred).
+TP_API const char* torchpool_cuda_snapshot(int device) {
+  CachingAllocator* a = get(device, false);
+  if (!a) return nullptr;
+  static const char* states[] = {"free", "cached", "allocated", "deferred"};
+  std::ostringstream o;
+  for (const SegmentView& s : a->snapshot()) {
+    o << "segment " << s.base << " " << s.size << " " << s.stream << " " << s.small << " " << s.expandable << " "
+      << s.reserved << "\n";
+    for (const BlockView& b : s.blocks)
+      o << "block " << b.addr << " " << b.size << " " << b.requested << " " << b.cls << " "
+        << (b.deferred ? "deferred" : states[b.state]) << "\n";
+  }
+  return text(o.str());
+}
+
+TP_API const char* torchpool_cuda_check(int device) {
+  CachingAllocator* a = get(device, false);
+  return text(a ? a->check() : "no allocator for this device");
+}
+
+TP_API const char* torchpool_cuda_upstream_name(int device) {
+  CachingAllocator* a = get(device, false);
+  return text(a ? a->upstream().name() : "");
+}
+
+// For tests: destroys every allocator when none holds a live or deferred block, so that another
+// configuration can be tried in the same process. 0, or -1 (nothing destroyed).
+TP_API int torchpool_cuda_reset_for_tests() {
+  std::lock_guard<std::mutex> g(g_mu);
+  for (auto& slot : g_alloc)
+    if (CachingAllocator* a = slot.load(std::memory_order_relaxed); a && a->stats().active.current) {
+      t_error = "torchpool: " + a->config().device_name + " still has live blocks";
+      return -1;
+    }
+  for (auto& slot : g_alloc) delete slot.exchange(nullptr);
+  g_options = Options();
+  return 0;
+}

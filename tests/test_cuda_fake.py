@@ -1,0 +1,198 @@
+"""The CUDA path against the fake driver (tests/fake_driver): libtorchpool_cuda.so, the library torch's
+CUDAPluggableAllocator would call, reaches the fake through TORCHPOOL_CUDA_DRIVER + dlopen exactly as
+it would reach libcuda.so.1.  Each test runs in a fresh interpreter (the library and the driver are
+process-wide).  What this cannot show: that torch on a real GPU calls the library as expected (tests/gpu)."""
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchpool
+import torchpool.cuda as tc
+
+FAKE_SRC = Path(__file__).parent / "fake_driver" / "fake_cuda.cc"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def fake_driver(tmp_path_factory) -> str:
+    """Compiles the fake driver (a second or two); the C++ tests get it from CMake instead."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the fake CUDA driver")
+    out = tmp_path_factory.mktemp("fake_cuda") / "libfake_cuda.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", str(FAKE_SRC), "-o", str(out)], check=True)
+    return str(out)
+
+
+PRELUDE = """
+import ctypes, json, os, torch, torchpool, torchpool.cuda as tc
+fake = ctypes.CDLL(os.environ["TORCHPOOL_CUDA_DRIVER"])
+for name in ("fake_cuda_used_bytes", "fake_cuda_reserved_bytes", "fake_cuda_num_mappings"):
+    getattr(fake, name).restype = ctypes.c_size_t
+fake.fake_cuda_set_capacity.argtypes = [ctypes.c_size_t]
+fake.fake_cuda_complete.argtypes = [ctypes.c_uint64]
+MiB = 1 << 20
+"""
+
+
+def run(python_subprocess, fake_driver, body: str) -> dict:
+    r = python_subprocess(PRELUDE + textwrap.dedent(body), env={"TORCHPOOL_CUDA_DRIVER": fake_driver})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_streams_reuse_only_after_the_event_completes(python_subprocess, fake_driver):
+    out = run(python_subprocess, fake_driver, """
+        a = tc.CudaAllocator(0)
+        s1, s2 = 0x100, 0x200
+        p = a.allocate(5 * MiB, s1)
+        a.record_stream(p, s2)
+        a.free(p, s1)
+        st = torchpool.memory_stats("cuda:0")          # torchpool's stats stand in for torch.cuda's
+        states = [b["state"] for s in torchpool.memory_snapshot("cuda:0") for b in s["blocks"]]
+        q = a.allocate(5 * MiB, s1)                     # p is not reusable yet
+        other = a.allocate(5 * MiB, s2)                 # another stream never gets s1's blocks
+        a.free(q, s1); a.free(other, s2)
+        released_early = a.empty_cache()
+        n = fake.fake_cuda_complete(s2)
+        r = a.allocate(5 * MiB, s1)
+        print(json.dumps({"allocated": st["allocated_bytes.all.current"], "active": st["active_bytes.all.current"],
+                          "deferred": st["num_deferred_frees"], "states": states, "q_is_p": q == p,
+                          "other_is_p": other == p, "completed": n, "r_is_p": r == p,
+                          "released_early": released_early, "used_before_free": fake.fake_cuda_used_bytes(),
+                          "check": a.check(), "upstream": a.upstream_name,
+                          "via_module": torchpool.cuda.allocator("cuda:0") is not None}))
+        """)
+    assert out["allocated"] == 0 and out["active"] == 5 * MiB  # deferred: active, not allocated
+    assert out["deferred"] == 1 and "deferred" in out["states"]
+    assert not out["q_is_p"] and not out["other_is_p"]
+    assert out["released_early"] == 12 * MiB  # q's and other's segments, not p's
+    assert out["completed"] == 1 and out["r_is_p"]
+    assert out["used_before_free"] == 6 * MiB
+    assert out["check"] == "" and out["upstream"] == "cuda" and out["via_module"]
+
+
+def test_out_of_memory_then_retry_after_empty_cache(python_subprocess, fake_driver):
+    out = run(python_subprocess, fake_driver, """
+        fake.fake_cuda_set_capacity(64 * MiB)
+        tc.configure(max_cached_mb=1024)
+        a = tc.CudaAllocator(0)
+        a.free(a.allocate(40 * MiB))
+        p = a.allocate(50 * MiB)          # 40 cached + 50 > 64: the retry frees the cache first
+        s = a.stats()
+        try:
+            a.allocate(20 * MiB)
+            msg = None
+        except torch.OutOfMemoryError as e:
+            msg = str(e)
+        a.free(p)
+        q = a.allocate(60 * MiB)
+        a.free(q)
+        released = torchpool.empty_cache("cuda:0")
+        print(json.dumps({"retries": s["num_alloc_retries"], "msg": msg, "ooms": a.stats()["num_ooms"],
+                          "released": released, "used": fake.fake_cuda_used_bytes()}))
+        """)
+    assert out["retries"] == 1
+    assert out["msg"] and "out of memory on cuda:0" in out["msg"] and "tried to allocate 20.00 MiB" in out["msg"]
+    assert out["ooms"] == 1
+    assert out["released"] == 60 * MiB and out["used"] == 0
+
+
+def test_oom_handler_is_called_with_the_message(python_subprocess, fake_driver):
+    # In torch, the handler is torchpool._C's, which throws c10::OutOfMemoryError; here a recorder.
+    out = run(python_subprocess, fake_driver, """
+        seen = []
+        HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(lambda m: seen.append(m.decode()))
+        lib = tc._library()
+        lib.torchpool_cuda_set_oom_handler(ctypes.cast(HANDLER, ctypes.c_void_p))
+        fake.fake_cuda_set_capacity(8 * MiB)
+        p = lib.torchpool_cuda_alloc(16 * MiB, 0, None)
+        print(json.dumps({"null": not p, "seen": seen, "handler": torchpool._C._cuda_oom_handler() != 0}))
+        """)
+    assert out["null"] and len(out["seen"]) == 1 and "out of memory on cuda:0" in out["seen"][0]
+    assert out["handler"]
+
+
+def test_expandable_segments_grow_and_shrink(python_subprocess, fake_driver):
+    out = run(python_subprocess, fake_driver, """
+        tc.configure(expandable_segments=True, reserve_mb=512)
+        a = tc.CudaAllocator(0)
+        p = a.allocate(7 * MiB)
+        q = a.allocate(9 * MiB)
+        ctypes.memset(q, 1, 9 * MiB)             # mapped and accessible (cuMemSetAccess ran)
+        grown = {"contiguous": q == p + 7 * MiB, "mappings": fake.fake_cuda_num_mappings(),
+                 "reserved_va": fake.fake_cuda_reserved_bytes()}
+        a.free(q)
+        seg = torchpool.memory_snapshot("cuda:0")
+        released = a.empty_cache()
+        shrunk = {"mappings": fake.fake_cuda_num_mappings(), "used": fake.fake_cuda_used_bytes()}
+        a.free(p)
+        a.empty_cache()
+        print(json.dumps({"grown": grown, "released": released, "shrunk": shrunk, "upstream": a.upstream_name,
+                          "expandable": [s["expandable"] for s in seg], "maps": a.stats()["num_chunk_maps"],
+                          "end": [fake.fake_cuda_num_mappings(), fake.fake_cuda_reserved_bytes(), fake.fake_cuda_used_bytes()]}))
+        """)
+    assert out["upstream"] == "cuda_vmm"
+    assert out["grown"] == {"contiguous": True, "mappings": 8, "reserved_va": 512 * MiB}
+    assert out["expandable"] == [True] and out["maps"] == 2
+    assert out["released"] == 8 * MiB and out["shrunk"] == {"mappings": 4, "used": 8 * MiB}
+    assert out["end"] == [0, 0, 0]
+
+
+def test_configuration_errors_are_clear(python_subprocess, fake_driver):
+    out = run(python_subprocess, fake_driver, """
+        errs = []
+        try:
+            tc.configure(no_such_option=1)
+        except torchpool.ConfigError as e:
+            errs.append(str(e))
+        a = tc.CudaAllocator(0)
+        a.free(a.allocate(1024))
+        try:
+            tc.configure(max_cached_mb=1)
+        except torchpool.ConfigError as e:
+            errs.append(str(e))
+        print(json.dumps(errs))
+        """)
+    assert "unknown option 'no_such_option'" in out[0]
+    assert "before the first CUDA allocation" in out[1]
+
+
+def test_missing_driver_is_an_error_not_an_out_of_memory(python_subprocess):
+    r = python_subprocess(textwrap.dedent("""
+        import torchpool.cuda as tc
+        try:
+            tc.CudaAllocator(0).allocate(1024)
+        except tc.CudaUnavailableError as e:
+            print("unavailable:", e)
+        """), env={"TORCHPOOL_CUDA_DRIVER": "/nonexistent/libcuda.so.1"})
+    assert r.returncode == 0, r.stderr
+    assert "unavailable: torchpool: cannot load the CUDA driver /nonexistent/libcuda.so.1" in r.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error of a CPU-only torch")
+def test_install_cuda_on_cpu_torch_says_what_to_do(python_subprocess):
+    with pytest.raises(tc.CudaUnavailableError, match="built without CUDA"):
+        torchpool.install(device="cuda")
+    assert torchpool.allocator("cuda") is None
+    r = python_subprocess("import torchpool", env={"TORCHPOOL_CONF": "cuda=1"})
+    assert r.returncode != 0 and "built without CUDA" in r.stderr
+
+
+def test_library_links_no_torch_and_no_cuda():
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not installed")
+    path = tc.library_path()
+    needed = [line for line in subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout.splitlines()
+              if "(NEEDED)" in line]
+    assert needed, "readelf found no NEEDED entries"
+    for bad in ("libtorch", "libc10", "libcuda", "libcudart", "libpython"):
+        assert not any(bad in line for line in needed), (bad, needed)
