@@ -101,8 +101,14 @@ bool CachingAllocator::free(void* p) {
   }
   if (trace_.enabled())
     trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
+  Arena& a = *arenas_[o.arena];
+  if (num_uses_.load(std::memory_order_relaxed) == 0) {  // the common case: no record_stream anywhere
+    std::lock_guard<std::mutex> g(a.mu);
+    a.pool->free(o.block);
+    return true;
+  }
   std::vector<uint64_t> streams;
-  if (num_uses_.load(std::memory_order_relaxed)) {
+  {
     std::lock_guard<std::mutex> g(uses_mu_);
     auto it = uses_.find(addr);
     if (it != uses_.end()) {
@@ -117,7 +123,6 @@ bool CachingAllocator::free(void* p) {
     if (e) pend.events.push_back(e);
     else events_->synchronize(st);
   }
-  Arena& a = *arenas_[o.arena];
   if (pend.events.empty()) {
     std::lock_guard<std::mutex> g(a.mu);
     a.pool->free(o.block);
