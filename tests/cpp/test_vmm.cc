@@ -6,7 +6,9 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "core/allocator.h"
@@ -28,19 +30,31 @@ std::shared_ptr<HostVmmUpstream> vmm(size_t max_mapped = 0) {
 class ScriptedEvents final : public StreamEvents {
  public:
   Event record(uint64_t stream) override {
+    std::lock_guard<std::mutex> g(mu_);
     events_[++next_] = {stream, false};
     return next_;
   }
-  bool done(Event e) override { return events_.at(e).second; }
-  void destroy(Event e) override { events_.erase(e); }
+  bool done(Event e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    return events_.at(e).second;
+  }
+  void destroy(Event e) override {
+    std::lock_guard<std::mutex> g(mu_);
+    events_.erase(e);
+  }
   void synchronize(uint64_t stream) override { complete(stream); }
   void complete(uint64_t stream) {
+    std::lock_guard<std::mutex> g(mu_);
     for (auto& [id, ev] : events_)
       if (ev.first == stream) ev.second = true;
   }
-  size_t live() const { return events_.size(); }
+  size_t live() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return events_.size();
+  }
 
  private:
+  mutable std::mutex mu_;
   Event next_ = 0;
   std::map<Event, std::pair<uint64_t, bool>> events_;
 };
@@ -213,4 +227,80 @@ TEST_CASE("stream ordering: small blocks wait too, empty_cache keeps their segme
   void* h = host.allocate(64);
   CHECK_FALSE(host.record_stream(h, 3));
   host.free(h);
+}
+
+TEST_CASE("stream ordering: random cross-stream use on expandable segments keeps every invariant") {
+  auto events = std::make_shared<ScriptedEvents>();
+  auto up = vmm();
+  CachingAllocator a(up, {}, events);
+  std::mt19937_64 rng(5);
+  std::vector<void*> live;
+  for (int i = 0; i < 1200; ++i) {
+    const int op = static_cast<int>(rng() % 100);
+    if (live.empty() || op < 50) {
+      const size_t n = rng() % 3 ? 1 + rng() % 8192 : MiB + rng() % (6 * MiB);
+      void* p = a.allocate(n, 1 + rng() % 3);
+      if (rng() % 3 == 0) a.record_stream(p, 1 + rng() % 3);
+      live.push_back(p);
+    } else if (op < 90) {
+      const size_t k = rng() % live.size();
+      a.free(live[k]);
+      live[k] = live.back();
+      live.pop_back();
+    } else if (op < 97) {
+      events->complete(1 + rng() % 3);
+    } else {
+      a.empty_cache();
+    }
+    REQUIRE(a.check() == "");
+  }
+  for (void* p : live) a.free(p);
+  for (uint64_t s = 1; s <= 3; ++s) events->complete(s);
+  CHECK(a.process_events() == 0);
+  CHECK(events->live() == 0);
+  const auto st = a.stats();
+  CHECK(st.active.current == 0);
+  CHECK(st.active_bytes.current == 0);
+  a.empty_cache();
+  CHECK(up->mapped_bytes() == 0);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("stream ordering: threads free recorded blocks while another completes events") {
+  auto events = std::make_shared<ScriptedEvents>();
+  AllocatorConfig cfg;
+  cfg.arenas = 3;
+  CachingAllocator a(vmm(), cfg, events);
+  std::atomic<bool> stop{false};
+  std::thread completer([&] {
+    uint64_t s = 0;
+    while (!stop.load()) events->complete(10 + (s++ % 4));
+  });
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 3; ++t)
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(100 + t);
+      std::vector<void*> mine;
+      for (int i = 0; i < 3000; ++i) {
+        if (mine.size() < 32 || rng() % 2) {
+          void* p = a.allocate(1 + rng() % ((rng() % 20) ? 16384 : (3u << 20)), 10 + t);
+          if (rng() % 4 == 0) a.record_stream(p, 10 + rng() % 4);
+          mine.push_back(p);
+        } else {
+          const size_t k = rng() % mine.size();
+          a.free(mine[k]);
+          mine[k] = mine.back();
+          mine.pop_back();
+        }
+      }
+      for (void* p : mine) a.free(p);
+    });
+  for (auto& t : ts) t.join();
+  stop = true;
+  completer.join();
+  for (uint64_t s = 10; s < 14; ++s) events->complete(s);
+  CHECK(a.process_events() == 0);
+  CHECK(a.check() == "");
+  CHECK(a.stats().active.current == 0);
+  CHECK(a.stats().num_deferred_frees > 0);
 }
