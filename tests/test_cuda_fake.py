@@ -196,3 +196,26 @@ def test_library_links_no_torch_and_no_cuda():
     assert needed, "readelf found no NEEDED entries"
     for bad in ("libtorch", "libc10", "libcuda", "libcudart", "libpython"):
         assert not any(bad in line for line in needed), (bad, needed)
+
+
+def test_extension_upstreams_pinned_and_vmm_reach_the_fake(python_subprocess, fake_driver):
+    # The same upstreams compiled into torchpool._C ("cuda_pinned" for the loader's staging pool).
+    out = run(python_subprocess, fake_driver, """
+        fake.fake_cuda_host_bytes.restype = ctypes.c_size_t
+        pinned = torchpool.Allocator("cuda_pinned")
+        p = pinned.allocate(3 * MiB)
+        ctypes.memset(p, 2, 3 * MiB)
+        host_after_alloc = fake.fake_cuda_host_bytes()
+        pinned.free(p)
+        pinned.empty_cache()
+        vmm = torchpool.Allocator("cuda_vmm", cuda_device=1, reserve_bytes=64 * MiB)
+        q = vmm.allocate(5 * MiB)
+        maps = fake.fake_cuda_num_mappings()
+        vmm.free(q)
+        vmm.empty_cache()
+        print(json.dumps({"host": host_after_alloc, "host_end": fake.fake_cuda_host_bytes(), "maps": maps,
+                          "maps_end": fake.fake_cuda_num_mappings(), "names": [pinned.upstream_name, vmm.upstream_name],
+                          "driver": torchpool._C._cuda_driver() == os.environ["TORCHPOOL_CUDA_DRIVER"]}))
+        """)
+    assert out == {"host": 4 * MiB, "host_end": 0, "maps": 3, "maps_end": 0,
+                   "names": ["cuda_pinned", "cuda_vmm"], "driver": True}
