@@ -153,6 +153,7 @@ def test_configuration_errors_are_clear(python_subprocess, fake_driver):
             tc.configure(no_such_option=1)
         except torchpool.ConfigError as e:
             errs.append(str(e))
+        tc.configure(huge_pages=True, populate=False, max_cached_mb=64)   # host-only options are ignored
         a = tc.CudaAllocator(0)
         a.free(a.allocate(1024))
         try:

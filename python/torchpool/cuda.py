@@ -28,6 +28,7 @@ from . import _config
 from ._build import _C
 
 _LIB_NAME = "libtorchpool_cuda.so"
+_HOST_ONLY = ("huge_pages", "populate")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _pluggable = None  # the CUDAPluggableAllocator once installed (kept alive: torch holds raw pointers)
@@ -191,7 +192,8 @@ def configure(**options) -> None:
     """Set allocator options (as install()) without swapping torch's allocator; before the first
     allocation.  For the MemPool route and for tests."""
     cfg = _config.normalize(options)
-    conf = ",".join(f"{k}={int(v)}" for k, v in cfg.items())
+    # Host-only options (documented as such) may come with cuda=1 in a shared TORCHPOOL_CONF.
+    conf = ",".join(f"{k}={int(v)}" for k, v in cfg.items() if k not in _HOST_ONLY)
     if _library().torchpool_cuda_configure(conf.encode()) != 0:
         raise _config.ConfigError(_last_error())
 
