@@ -49,6 +49,12 @@ METRIC = {  # name, unit, function of the child's result, True when higher is be
 }
 
 
+# Idle OpenMP threads sleep instead of spinning. On a shared machine a spinning thread waits for its
+# descheduled partner at full CPU: CPU time then measures the neighbours' load, not the allocator
+# (W2 spread 0.9-16 s of CPU for the same work with the default policy). --omp-wait active restores it.
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def find_lib(name: str) -> str | None:
     for d in LIB_DIRS:
         hits = sorted(glob.glob(os.path.join(d, name + "*")))
@@ -61,7 +67,7 @@ def find_lib(name: str) -> str | None:
 # child: one workload under one allocator, result as one JSON line
 # ------------------------------------------------------------------------------------------------
 
-def child(workload: str, size: str, tp_options: str | None) -> int:
+def child(workload: str, size: str, tp_options: str | None, premapped: bool = False) -> int:
     import torch  # noqa: F401
 
     if tp_options is not None:
@@ -71,7 +77,10 @@ def child(workload: str, size: str, tp_options: str | None) -> int:
         assert torchpool.is_installed()
     from torchpool import workloads
 
-    result = workloads.WORKLOADS[workload](size)
+    if premapped:
+        result = workloads.alloc_mix(size, premapped=True)
+    else:
+        result = workloads.WORKLOADS[workload](size)
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if tp_options is not None:
         import torchpool
@@ -103,11 +112,15 @@ def run_one(alloc: dict, workload: str, size: str, timeout: float) -> dict:
     env = dict(os.environ)
     env.pop("TORCHPOOL_CONF", None)
     env.pop("LD_PRELOAD", None)
+    if OMP_WAIT_POLICY:
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
     cmd = [sys.executable, os.path.abspath(__file__), "--child", workload, "--size", size]
     if alloc.get("preload"):
         env["LD_PRELOAD"] = alloc["preload"]
     if alloc.get("tp") is not None:
         cmd += ["--tp-options", json.dumps(alloc["tp"])]
+    if alloc.get("premapped"):
+        cmd += ["--premapped"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0:
@@ -144,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp-options", default=None, help=argparse.SUPPRESS)  # child: install() options as JSON
     p.add_argument("--tp-variant", action="append", default=[],
                    help="extra torchpool configuration NAME:key=value,... (install() options), repeatable")
+    p.add_argument("--omp-wait", choices=["passive", "active", "unset"], default="passive",
+                   help="OMP_WAIT_POLICY of the children (default passive; see OMP_WAIT_POLICY above)")
     p.add_argument("--json", default=None, help="also write every raw measurement to this file")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--premapped", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-floor", action="store_true",
+                   help="W1: skip the pre-mapped floor (the same fills into one buffer touched beforehand)")
     a = p.parse_args(argv)
     if a.child:
-        return child(a.child, a.size, a.tp_options)
+        return child(a.child, a.size, a.tp_options, a.premapped)
 
+    global OMP_WAIT_POLICY
+    OMP_WAIT_POLICY = None if a.omp_wait == "unset" else a.omp_wait.upper()
     size = "quick" if a.quick else "bench"
     reps = a.reps or (2 if a.quick else 3)
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
@@ -182,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     print(f"bench_allocators: size={size} reps={reps} workloads={','.join(workloads)} "
-          f"python={platform.python_version()} cpus={os.cpu_count()} "
+          f"python={platform.python_version()} cpus={os.cpu_count()} OMP_WAIT_POLICY={OMP_WAIT_POLICY} "
           f"load={'/'.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     for x in allocs:
         desc = x.get("preload") or (f"install({', '.join(f'{k}={v}' for k, v in x['tp'].items())})" if "tp" in x else "default")
@@ -190,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"  note: {n}", flush=True)
 
+    floor = {"name": "premapped floor", "premapped": True}
+    per_workload = {w: allocs + ([floor] if w == "W1" and not a.no_floor else []) for w in workloads}
     results: dict[tuple[str, str], list[dict]] = {}
     t_start = time.perf_counter()
     for rep in range(reps):
         for w in workloads:
-            k = rep % len(allocs)
-            order = allocs[k:] + allocs[:k]
+            these = per_workload[w]
+            k = rep % len(these)
+            order = these[k:] + these[:k]
             for x in order:
                 r = run_one(x, w, size, a.timeout)
                 results.setdefault((w, x["name"]), []).append(r)
@@ -213,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": statistics.median(r["cpu_s"] for r in results[(w, x["name"])]),
             "rss": statistics.median(r["peak_rss"] for r in results[(w, x["name"])]),
             "metric": statistics.median(mfun(r) for r in results[(w, x["name"])]),
-        } for x in allocs}
+        } for x in per_workload[w]}
         g = med["glibc"]
-        low_rss = min(m["rss"] for m in med.values())
+        low_rss = min(m["rss"] for n, m in med.items() if n != floor["name"])
         rows = []
-        for x in allocs:
+        for x in per_workload[w]:
             m, rs = med[x["name"]], results[(w, x["name"])]
             mratio = (m["metric"] / g["metric"]) if higher else (g["metric"] / m["metric"])
             rows.append([w, x["name"],
@@ -228,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{g['wall'] / m['wall']:.2f}", f"{g['cpu'] / m['cpu']:.2f}", f"{mratio:.2f}",
                          f"{m['rss'] / low_rss:.2f}"])
         print(table(headers, rows))
+        if w == "W1" and floor["name"] in med:
+            f = med[floor["name"]]["metric"]
+            print("W1 touched GB/s as a fraction of the pre-mapped floor from the same run: " + ", ".join(
+                f"{x['name']} {med[x['name']]['metric'] / f:.0%}" for x in allocs))
         if w == "W2":
             ref = results[(w, "glibc")][0]["losses"]
             same = [x["name"] for x in allocs if all(r["losses"] == ref for r in results[(w, x["name"])])]
