@@ -102,7 +102,7 @@ def test_slices_match_safetensors(tmp_path):
 
 def test_slice_reads_only_its_bytes(tmp_path):
     t = torch.arange(64 * 128, dtype=torch.float32).reshape(64, 128)
-    path = write_file(tmp_path / "w.safetensors", {"w": t})
+    path = write_file(tmp_path / "w.safetensors", {"w": t, "w2": t * 2})
     with torchpool.open_checkpoint(path) as ck:
         ck.reset_stats()
         rows = ck.get_slice("w")[:32]
@@ -112,6 +112,10 @@ def test_slice_reads_only_its_bytes(tmp_path):
         cols = ck.get_slice("w")[:, 64:]
         assert ck.stats()["bytes_read"] == t.nbytes // 2
         assert torch.equal(cols, t[:, 64:])
+        ck.reset_stats()
+        both = ck.load_slices({"w": (slice(None), slice(64, None)), "w2": (slice(0, 8), 3)})
+        assert torch.equal(both["w"], t[:, 64:]) and torch.equal(both["w2"], (t * 2)[0:8, 3])
+        assert ck.stats()["bytes_read"] == t.nbytes // 2 + 8 * 4
 
 
 def test_zero_copy_and_lifetime(tmp_path):

@@ -117,6 +117,42 @@ TORCHPOOL_BINDINGS(30, loader) {
     return out;
   });
 
+  m.def("read_slices", [](const py::list& items, unsigned threads) {
+    // items: [(shard, name, elem_bytes, shape, start, stop, dst)]: every run of every slice in one
+    // parallel read, so the readers never drain between tensors.
+    struct Item {
+      std::shared_ptr<ShardFile> shard;
+      std::string name;
+      size_t elem;
+      std::vector<uint64_t> shape, start, stop;
+      uintptr_t dst;
+    };
+    std::vector<Item> in;
+    in.reserve(items.size());
+    for (auto it : items) {
+      auto t = it.cast<py::tuple>();
+      in.push_back({t[0].cast<std::shared_ptr<ShardFile>>(), t[1].cast<std::string>(), t[2].cast<size_t>(),
+                    t[3].cast<std::vector<uint64_t>>(), t[4].cast<std::vector<uint64_t>>(), t[5].cast<std::vector<uint64_t>>(),
+                    t[6].cast<uintptr_t>()});
+    }
+    py::gil_scoped_release nogil;
+    std::vector<ReadOp> ops;
+    uint64_t total = 0;
+    for (const Item& x : in) {
+      const TensorEntry* e = x.shard->header().find(x.name);
+      if (!e) throw CheckpointError(x.shard->path(), x.name, "no-such-tensor", "the shard has no tensor of this name");
+      uint64_t n = x.elem;
+      for (uint64_t d : x.shape) n *= d;
+      if (n != e->nbytes()) throw CheckpointError(x.shard->path(), x.name, kRuleSizeMismatch, "slice shape does not cover the tensor");
+      for (const Run& r : slice_runs(x.shape, x.elem, x.shard->file_offset(*e), x.start, x.stop)) {
+        ops.push_back({x.shard.get(), r.offset, r.len, reinterpret_cast<uint8_t*>(x.dst) + r.dst_offset, &e->name});
+        total += r.len;
+      }
+    }
+    parallel_pread(ops, threads);
+    return total;
+  }, py::arg("items"), py::arg("threads") = 8);
+
   py::class_<ShardFile, std::shared_ptr<ShardFile>>(m, "Shard", py::buffer_protocol(), R"doc(
 One safetensors file, validated and mapped privately (Note [Mapping protection] in csrc/loader/shard.h).
 The buffer protocol exposes the whole mapping; memoryviews and tensors over it keep it alive.)doc")
@@ -193,12 +229,12 @@ upstream="host_pinned" locks them with mlock where permitted (stats say when it 
              return s;
            }), py::arg("staging_bytes") = 64u << 20, py::arg("chunk_bytes") = 8u << 20, py::arg("upstream") = "host_pinned",
            py::arg("lock") = true)
-      .def("read", [](PyStaging& s, const py::list& ops_in, unsigned readers) {
+      .def("read", [](PyStaging& s, const py::list& ops_in, unsigned readers, bool copy_on_readers) {
              std::vector<PyOp> in = parse_ops(ops_in);
              std::vector<ReadOp> ops = to_ops(in);
              py::gil_scoped_release nogil;
-             s.pool->run(ops, readers, &StagingPool::copy_to_dst);
-           }, py::arg("ops"), py::arg("readers") = 8,
+             s.pool->run(ops, readers, &StagingPool::copy_to_dst, copy_on_readers);
+           }, py::arg("ops"), py::arg("readers") = 8, py::arg("copy_on_readers") = true,
            "ops: [(shard, file_offset, nbytes, dst_address, tensor_name)]; staged, then memcpy'd to dst")
       .def("read_with", [](PyStaging& s, const py::list& ops_in, unsigned readers, py::function consume) {
              std::vector<PyOp> in = parse_ops(ops_in);

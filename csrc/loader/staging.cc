@@ -63,7 +63,7 @@ void StagingPool::give(Buffer* b) {
 
 void StagingPool::copy_to_dst(const StagedChunk& c) { std::memcpy(c.op->dst + c.op_offset, c.data, c.len); }
 
-void StagingPool::run(const std::vector<ReadOp>& ops, unsigned readers, const Consumer& consume) {
+void StagingPool::run(const std::vector<ReadOp>& ops, unsigned readers, const Consumer& consume, bool on_readers) {
   std::lock_guard<std::mutex> r(run_mu_);
   struct Piece {
     const ReadOp* op;
@@ -91,6 +91,7 @@ void StagingPool::run(const std::vector<ReadOp>& ops, unsigned readers, const Co
   std::atomic<bool> abort{false};
   std::atomic<unsigned> live_readers{readers};
   std::exception_ptr error;
+  std::atomic<uint64_t> staged_on_readers{0}, consumed_on_readers{0};
   auto fail = [&](std::exception_ptr e) {
     std::lock_guard<std::mutex> g(qmu);
     if (!error) error = e;
@@ -116,6 +117,19 @@ void StagingPool::run(const std::vector<ReadOp>& ops, unsigned readers, const Co
         give(b);
         fail(std::current_exception());
         break;
+      }
+      if (on_readers) {
+        try {
+          consume(StagedChunk{p.op, p.off, p.len, b->ptr});
+        } catch (...) {
+          give(b);
+          fail(std::current_exception());
+          break;
+        }
+        give(b);
+        staged_on_readers.fetch_add(p.len, std::memory_order_relaxed);
+        consumed_on_readers.fetch_add(1, std::memory_order_relaxed);
+        continue;
       }
       {
         std::lock_guard<std::mutex> g(qmu);
@@ -161,8 +175,8 @@ void StagingPool::run(const std::vector<ReadOp>& ops, unsigned readers, const Co
   for (auto& t : threads) t.join();
   {
     std::lock_guard<std::mutex> g(mu_);
-    stats_.bytes_staged += staged;
-    stats_.chunks += consumed;
+    stats_.bytes_staged += staged + staged_on_readers.load();
+    stats_.chunks += consumed + consumed_on_readers.load();
   }
   if (error) std::rethrow_exception(error);
 }

@@ -60,7 +60,10 @@ class StagingPool {
 
   using Consumer = std::function<void(const StagedChunk&)>;
   // Note [Staging overlap]. Rethrows the first reader or consumer error after every thread stopped.
-  void run(const std::vector<ReadOp>& ops, unsigned readers, const Consumer& consume);
+  // on_readers: the consumer is thread-safe and may run on the reader threads (the CPU memcpy): each
+  // reader copies its own chunk out while the others read, so the copy is spread over the threads
+  // instead of bounding the pipeline on one.  A device consumer runs on the calling thread only.
+  void run(const std::vector<ReadOp>& ops, unsigned readers, const Consumer& consume, bool on_readers = false);
   // The consumer for CPU destinations: memcpy into op->dst.
   static void copy_to_dst(const StagedChunk& c);
 

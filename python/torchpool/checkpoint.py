@@ -17,8 +17,10 @@ Rationale: measured here, a cold checkpoint comes in at 1.68 GB/s with 8 paralle
 15.5 GB/s while a copy runs at 9-10 GB/s.  So cold data wants several readers into owned memory, and
 warm data wants no copy at all.  Approach: ``load(mode="auto")`` asks the kernel (``mincore`` on the
 mapping) how much of the requested bytes is already in the page cache.  At least 90 % resident:
-"mmap", the tensors are zero-copy views of the mapping, whose missing pages are faulted in with
-``MADV_POPULATE_READ`` by 8 threads so that they are resident when ``load`` returns.  Otherwise:
+"mmap", the tensors are zero-copy views of the mapping; when some pages are missing, they are read
+in with ``MADV_POPULATE_READ`` by 8 threads so that everything is in the page cache when ``load``
+returns (fully cached data is left alone: its page-table entries are filled on first touch, at the
+15 GB/s of the mapping, which is what the safetensors package costs too).  Otherwise:
 "read", 8 reader threads ``pread`` 8 MiB chunks into the staging pool's buffers and the calling
 thread copies each into the destination tensor while the next chunks are read (Note [Staging
 overlap] in csrc/loader/staging.h).  A device other than the CPU always takes the staged path (pages
@@ -250,6 +252,17 @@ class Checkpoint:
         self._check_open()
         return TensorSlice(self, self.info(name))
 
+    def load_slices(self, keys: dict) -> dict[str, torch.Tensor]:
+        """``{name: index}`` -> ``{name: ck.get_slice(name)[index]}``, with the runs of every slice read
+        in one parallel batch (what a tensor-parallel rank wants: the readers never drain between
+        tensors)."""
+        self._check_open()
+        plans = {name: self.get_slice(name)._plan(key) for name, key in keys.items()}
+        items = [item for _, item, _ in plans.values() if item is not None]
+        if items:
+            _C.read_slices(items, self.readers)
+        return {name: TensorSlice._finish(out, post) for name, (out, _, post) in plans.items()}
+
     # ---- loading ----
     def staging_pool(self):
         if self._staging is None:
@@ -279,9 +292,11 @@ class Checkpoint:
         if device.type != "cpu":
             path = "read"
         elif mode == "auto":
-            path = "mmap" if self.resident_fraction(names) >= _RESIDENT_ENOUGH else "read"
+            frac = self.resident_fraction(names)
+            path = "mmap" if frac >= _RESIDENT_ENOUGH else "read"
         else:
             path = mode
+            frac = self.resident_fraction(names) if path == "mmap" else 0.0
         self._last_path = path
         total = sum(i.nbytes for i in infos)
         bar = self._progress(total, progress)
@@ -290,7 +305,7 @@ class Checkpoint:
             if path == "mmap":
                 for group in _groups(infos):
                     for i in group:
-                        if i.nbytes:
+                        if i.nbytes and frac < 1.0:  # fully cached: nothing to fault in ahead of use
                             self.shards[i.shard].populate(i.offset, i.nbytes, self.readers)
                         out[i.name] = self._view(i)
                     if bar is not None:
@@ -409,6 +424,20 @@ class TensorSlice:
         return self._info.dtype
 
     def __getitem__(self, key) -> torch.Tensor:
+        out, item, post = self._plan(key)
+        if item is not None:
+            self._ck.shards[self._info.shard].read_slice(*item[1:], self._ck.readers)
+        return self._finish(out, post)
+
+    @staticmethod
+    def _finish(out, post):
+        res = out[tuple(post)] if post else out
+        if any(isinstance(p, slice) and p.step != 1 for p in post):
+            res = res.contiguous()
+        return res
+
+    def _plan(self, key):
+        """(output tensor, read item or None, post-indexing) for a key."""
         ck, info = self._ck, self._info
         ck._check_open()
         shape = self.shape
@@ -441,13 +470,10 @@ class TensorSlice:
                 stop.append(idx + 1)
                 post.append(0)
         out = torch.empty([b - a for a, b in zip(start, stop)], dtype=self.dtype)
+        item = None
         if out.numel():
-            ck.shards[info.shard].read_slice(info.name, self.dtype.itemsize, list(shape), start, stop,
-                                             out.data_ptr(), ck.readers)
-        res = out[tuple(post)] if post else out
-        if any(isinstance(p, slice) and p.step != 1 for p in post):
-            res = res.contiguous()
-        return res
+            item = (ck.shards[info.shard], info.name, self.dtype.itemsize, list(shape), start, stop, out.data_ptr())
+        return out, item, post
 
 
 def open_checkpoint(path, **options) -> Checkpoint:

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -160,13 +161,24 @@ TEST_CASE("loader: shard file, parallel pread and the staging pipeline") {
   CHECK(st.reuses == st.chunks - st.buffers);
   CHECK(up->stats().mapped_bytes == st.buffer_bytes);
 
+  // the CPU copy on the reader threads
+  std::fill(out.begin(), out.end(), 0);
+  pool.run(ops, 3, &StagingPool::copy_to_dst, /*on_readers=*/true);
+  CHECK(std::memcmp(out.data(), data.data(), n) == 0);
+  CHECK(pool.stats().bytes_staged == 2 * n);
+  CHECK(pool.stats().buffers <= 4);
+
   // a consumer error stops the run and leaves the pool usable
-  int calls = 0;
+  std::atomic<int> calls{0};
   CHECK_THROWS_AS(pool.run(ops, 3, [&](const StagedChunk&) {
     if (++calls == 3) throw std::runtime_error("consumer");
   }), std::runtime_error);
   pool.run(ops, 2, &StagingPool::copy_to_dst);
   CHECK(std::memcmp(out.data(), data.data(), n) == 0);
+  calls = 0;
+  CHECK_THROWS_AS(pool.run(ops, 3, [&](const StagedChunk&) {
+    if (++calls == 2) throw std::runtime_error("consumer");
+  }, true), std::runtime_error);
 
   // the file shrinks after it was opened: read-short, no crash, no hang
   REQUIRE(::truncate(f.path.c_str(), static_cast<off_t>(s.header().data_start + n / 2)) == 0);
