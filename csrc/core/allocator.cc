@@ -66,6 +66,7 @@ void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
       std::lock_guard<std::mutex> g(a.mu);
       a.pool->count_retry();
     }
+    if (num_pending_.load(std::memory_order_relaxed)) wait_pending();
     empty_cache();
     b = try_allocate(arena, bytes, stream);
   }
@@ -182,6 +183,13 @@ void CachingAllocator::release_pending_locked() {
   }
   pending_.resize(kept);
   num_pending_.store(kept, std::memory_order_relaxed);
+}
+
+void CachingAllocator::wait_pending() {
+  std::lock_guard<std::mutex> g(pending_mu_);
+  for (Pending& p : pending_)
+    for (StreamEvents::Event e : p.events) events_->wait(e);
+  release_pending_locked();
 }
 
 size_t CachingAllocator::process_events() {

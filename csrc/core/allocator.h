@@ -28,7 +28,8 @@
 // Note [Out of memory]
 // --------------------
 // A request that neither the cache nor the upstream (or the byte limit) can satisfy triggers one
-// retry: every arena releases its cached segments (num_alloc_retries), then the request runs again.
+// retry: the allocator waits for the events of deferred frees (Note [Stream ordering]), every
+// arena releases its cached segments (num_alloc_retries), then the request runs again.
 // If it still fails, OutOfMemory is thrown with the allocator's state in the message
 // (num_ooms).  Nothing is left half-done, so the allocator keeps working afterwards.
 #pragma once
@@ -124,6 +125,7 @@ class CachingAllocator {
   Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);
 
   void release_pending_locked();  // pending_mu_ held
+  void wait_pending();            // waits for every pending event, then releases the blocks
 
   std::shared_ptr<Upstream> upstream_;
   std::shared_ptr<StreamEvents> events_;

@@ -63,9 +63,10 @@ class Upstream {
 // block was used on; when such a block is freed it records one event per extra stream and parks
 // the block as "deferred" (active, not allocated, not reusable); allocate() and empty_cache()
 // poll the events and release a deferred block to its stream's free lists once all are done.
-// Blocks are only ever reused on the stream of their segment.  Limitation: polling, not waiting:
-// empty_cache() releases only what no stream can still use, and the out-of-memory retry does not
-// wait for pending events either (a synchronize before calling empty_cache() does).
+// Blocks are only ever reused on the stream of their segment.  empty_cache() polls: it releases
+// only what no stream can still use.  The out-of-memory retry waits for every pending event first
+// (as PyTorch's allocator synchronizes its events before giving up), so memory that is merely
+// waiting for a stream never causes an out-of-memory.
 class StreamEvents {
  public:
   virtual ~StreamEvents() = default;
@@ -75,6 +76,8 @@ class StreamEvents {
   virtual Event record(uint64_t stream) = 0;
   // True once the work before the event has completed.
   virtual bool done(Event e) = 0;
+  // Blocks until the work before the event has completed.
+  virtual void wait(Event e) = 0;
   virtual void destroy(Event e) = 0;
   virtual void synchronize(uint64_t stream) = 0;
 };

@@ -197,6 +197,8 @@ bool CudaStreamEvents::done(Event e) {
   return drv_.cuEventQuery(reinterpret_cast<CUevent>(e)) != CUDA_ERROR_NOT_READY;
 }
 
+void CudaStreamEvents::wait(Event e) { drv_.cuEventSynchronize(reinterpret_cast<CUevent>(e)); }
+
 void CudaStreamEvents::destroy(Event e) { drv_.cuEventDestroy(reinterpret_cast<CUevent>(e)); }
 
 void CudaStreamEvents::synchronize(uint64_t stream) {

@@ -90,13 +90,15 @@ class CudaVmmUpstream final : public Upstream {
 };
 
 // Note [Stream ordering] (core/upstream.h) with CUDA events: record = cuEventCreate (timing off)
-// + cuEventRecord, done = cuEventQuery, synchronize = cuStreamSynchronize.  Events are created and
-// destroyed per deferred free (cheap next to the kernels that made the deferral necessary).
+// + cuEventRecord, done = cuEventQuery, wait = cuEventSynchronize, synchronize =
+// cuStreamSynchronize.  Events are created and destroyed per deferred free (cheap next to the
+// kernels that made the deferral necessary).
 class CudaStreamEvents final : public StreamEvents {
  public:
   CudaStreamEvents(CudaDriver& driver, int device) : drv_(driver), device_(device) {}
   Event record(uint64_t stream) override;
   bool done(Event e) override;
+  void wait(Event e) override;
   void destroy(Event e) override;
   void synchronize(uint64_t stream) override;
 

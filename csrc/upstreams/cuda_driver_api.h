@@ -75,6 +75,7 @@ static_assert(sizeof(CUmemAccessDesc) == 12, "CUmemAccessDesc layout differs fro
   X(cuEventCreate, "cuEventCreate", (CUevent*, unsigned))                                                \
   X(cuEventRecord, "cuEventRecord", (CUevent, CUstream))                                                 \
   X(cuEventQuery, "cuEventQuery", (CUevent))                                                             \
+  X(cuEventSynchronize, "cuEventSynchronize", (CUevent))                                                 \
   X(cuEventDestroy, "cuEventDestroy_v2", (CUevent))                                                      \
   X(cuStreamSynchronize, "cuStreamSynchronize", (CUstream))                                              \
   X(cuMemAddressReserve, "cuMemAddressReserve", (CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long)) \

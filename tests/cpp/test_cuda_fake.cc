@@ -136,6 +136,23 @@ TEST_CASE("cuda fake: out of memory, then the retry after empty_cache succeeds; 
   CHECK(f.used_bytes() == 0);
 }
 
+TEST_CASE("cuda fake: the out-of-memory retry waits on the event of a deferred free (cuEventSynchronize)") {
+  Fake& f = fake();
+  f.set_capacity(16 * MiB);
+  auto a = device_allocator(false);
+  void* p = a->allocate(12 * MiB, 0x61);
+  a->record_stream(p, 0x62);
+  a->free(p);
+  CHECK(f.pending_events() == 1);
+  void* q = a->allocate(12 * MiB, 0x61);  // 12 + 12 > 16: the retry waits for 0x62, then reuses p
+  CHECK(q == p);
+  CHECK(f.pending_events() == 0);
+  CHECK(a->stats().num_ooms == 0);
+  a->free(q);
+  a->empty_cache();
+  CHECK(f.used_bytes() == 0);
+}
+
 TEST_CASE("cuda fake: expandable segments grow by chunk mappings and return the free tail") {
   Fake& f = fake();
   auto a = device_allocator(true);

@@ -38,6 +38,15 @@ class ScriptedEvents final : public StreamEvents {
     std::lock_guard<std::mutex> g(mu_);
     return events_.at(e).second;
   }
+  void wait(Event e) override {  // the stream's work up to e runs to completion
+    std::lock_guard<std::mutex> g(mu_);
+    ++waits_;
+    events_.at(e).second = true;
+  }
+  int waits() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return waits_;
+  }
   void destroy(Event e) override {
     std::lock_guard<std::mutex> g(mu_);
     events_.erase(e);
@@ -56,6 +65,7 @@ class ScriptedEvents final : public StreamEvents {
  private:
   mutable std::mutex mu_;
   Event next_ = 0;
+  int waits_ = 0;
   std::map<Event, std::pair<uint64_t, bool>> events_;
 };
 }  // namespace
@@ -303,4 +313,22 @@ TEST_CASE("stream ordering: threads free recorded blocks while another completes
   CHECK(a.check() == "");
   CHECK(a.stats().active.current == 0);
   CHECK(a.stats().num_deferred_frees > 0);
+}
+
+TEST_CASE("stream ordering: the out-of-memory retry waits for pending events instead of failing") {
+  auto events = std::make_shared<ScriptedEvents>();
+  AllocatorConfig cfg;
+  cfg.max_bytes = 16 * MiB;
+  CachingAllocator a(vmm(), cfg, events);
+  void* p = a.allocate(12 * MiB, 1);
+  a.record_stream(p, 2);
+  a.free(p);                         // deferred: s2 may still use it
+  void* q = a.allocate(12 * MiB, 1);  // only fits in p's memory: the retry waits for s2's event
+  CHECK(q == p);
+  CHECK(events->waits() == 1);
+  CHECK(a.stats().num_alloc_retries == 1);
+  CHECK(a.stats().num_ooms == 0);
+  CHECK(events->live() == 0);
+  a.free(q);
+  CHECK(a.check() == "");
 }

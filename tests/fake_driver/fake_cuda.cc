@@ -211,6 +211,18 @@ FAKE_API CUresult cuEventQuery(Event* e) {
   std::lock_guard<std::mutex> g(st().mu);
   return e->done ? OK : NOT_READY;
 }
+// Waiting = the stream's work up to the event runs to completion (nothing else would complete it).
+FAKE_API CUresult cuEventSynchronize(Event* e) {
+  State& s = st();
+  std::lock_guard<std::mutex> g(s.mu);
+  COUNT("cuEventSynchronize");
+  if (e->done) return OK;
+  for (Event* x : s.queues[e->stream]) {
+    x->done = true;
+    if (x == e) break;
+  }
+  return OK;
+}
 FAKE_API CUresult cuEventDestroy_v2(Event* e) {
   State& s = st();
   std::lock_guard<std::mutex> g(s.mu);
