@@ -198,7 +198,9 @@ def test_staging_pipeline_stats_and_reuse(tmp_path):
         assert st["buffers"] <= st["max_buffers"] == 4 and st["buffer_bytes"] <= 256 << 10
         assert st["reuses"] == st["chunks"] - st["buffers"] > 0
         ck.load(mode="read")
-        assert ck.stats()["staging"]["buffers"] == st["buffers"]  # no new buffers on a second load
+        st2 = ck.stats()["staging"]
+        # a second load reuses the buffers: new ones only up to the cap (when the first load needed fewer)
+        assert st2["buffers"] <= 4 and st2["reuses"] >= st["reuses"] + st2["chunks"] - st["chunks"] - (4 - st["buffers"])
 
 
 def test_staged_consumer_path(tmp_path):
