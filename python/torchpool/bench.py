@@ -1,0 +1,96 @@
+"""`torchpool bench fragmentation`: replay the trace suite (or given traces) against allocators.
+
+    torchpool bench fragmentation                       # bench/traces/*.tptrace.gz, default allocators
+    torchpool bench fragmentation --trace run.tptrace.gz --allocators torchpool,pytorch --json
+    torchpool bench fragmentation --plot frag.png        # needs matplotlib
+
+The suite is looked up in $TORCHPOOL_TRACES, then in the source tree's bench/traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .stats import fmt_bytes, format_table
+
+
+def suite_dir() -> Path:
+    env = os.environ.get("TORCHPOOL_TRACES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "bench" / "traces"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True)
+    f = sub.add_parser("fragmentation", help="replay allocation traces against allocators and report fragmentation")
+    f.add_argument("--trace", action="append", default=[], metavar="FILE",
+                   help="a trace (torchpool, RMM CSV or PyTorch snapshot pickle); repeatable; default: the suite")
+    f.add_argument("--allocators", default=None, help="comma-separated names (default: all available)")
+    f.add_argument("--json", action="store_true", help="print one JSON list of rows instead of the table")
+    f.add_argument("--plot", default=None, metavar="OUT.png", help="draw live vs reserved bytes over time")
+    f.add_argument("--repeats", type=int, default=3, help="timed passes per allocator (fastest counts)")
+
+
+def _reexec_for_jemalloc() -> None:
+    # jemalloc uses initial-exec TLS: dlopen needs spare static TLS, which only a process start can grant.
+    if os.environ.get("TORCHPOOL_BENCH_REEXEC") or "optional_static_tls" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    env = dict(os.environ, TORCHPOOL_BENCH_REEXEC="1")
+    tun = env.get("GLIBC_TUNABLES", "")
+    env["GLIBC_TUNABLES"] = (tun + ":" if tun else "") + "glibc.rtld.optional_static_tls=16384"
+    os.execve(sys.executable, [sys.executable, "-m", "torchpool", *sys.argv[1:]], env)
+
+
+def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0):
+    from . import replay, trace
+
+    ok, skipped = replay.available(names)
+    rows = []
+    for path in traces:
+        t = trace.load(path)
+        rows += replay.replay(t, ok, repeats=repeats, timeline_points=timeline)
+    return rows, skipped
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench != "fragmentation":
+        return 2
+    if not args.trace and args.allocators is None or (args.allocators and "jemalloc" in args.allocators):
+        if sys.argv[1:2] == ["bench"]:
+            _reexec_for_jemalloc()
+    from . import replay
+
+    traces = [Path(t) for t in args.trace] or sorted(suite_dir().glob("*.tptrace.gz"))
+    if not traces:
+        print(f"torchpool bench: no traces given and none in {suite_dir()}", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
+    try:
+        rows, skipped = run(traces, names, args.repeats, timeline=400 if args.plot else 0)
+    except ValueError as e:
+        print(f"torchpool bench: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([replay.public(r) for r in rows]))
+    else:
+        table = []
+        for r in rows:
+            ef = r["external_fragmentation"]
+            table.append([r["trace"], r["allocator"], fmt_bytes(r["peak_live_bytes"]), fmt_bytes(r["peak_reserved_bytes"]),
+                          f"{r['utilization']:.1%}" if r["utilization"] else "-", fmt_bytes(r["internal_waste_bytes"]),
+                          "-" if ef is None else f"{ef:.1%}", "-" if r["upstream_calls"] is None else r["upstream_calls"],
+                          f"{r['ops_per_s'] / 1e6:.2f}"])
+        print(format_table(["trace", "allocator", "peak live", "peak reserved", "utilization", "internal waste",
+                            "ext. frag", "upstream calls", "Mops/s"], table))
+        for n, why in skipped.items():
+            print(f"skipped {n}: {why}")
+    if args.plot:
+        from .plots import plot_timelines
+
+        plot_timelines(rows, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
