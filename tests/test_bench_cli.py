@@ -27,3 +27,12 @@ def test_bench_unknown_allocator_fails_cleanly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torchpool", "bench", "fragmentation", "--allocators", "nope"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown allocator" in r.stderr
+
+
+def test_installed_package_finds_the_trace_suite():
+    # The wheel carries bench/traces; `torchpool bench fragmentation` with no --trace must find them
+    # whether the package was installed from a wheel or in editable mode.
+    from torchpool.bench import suite_dir
+
+    names = sorted(p.name for p in suite_dir().glob("*.tptrace.gz"))
+    assert {"gpt_train.tptrace.gz", "cnn_infer.tptrace.gz", "kv_decode.tptrace.gz", "finetune_ckpt.tptrace.gz"} <= set(names)

@@ -118,6 +118,8 @@ py::list snapshot_list(const std::vector<SegmentView>& segs) {
     seg["total_size"] = s.size;
     seg["stream"] = s.stream;
     seg["segment_type"] = s.small ? "small" : "large";
+    seg["expandable"] = s.expandable;
+    seg["reserved_size"] = s.reserved;  // address space held; total_size is what is mapped
     py::list blocks;
     size_t allocated = 0, requested = 0;
     for (const auto& b : s.blocks) {
@@ -126,8 +128,10 @@ py::list snapshot_list(const std::vector<SegmentView>& segs) {
       bd["size"] = b.size;
       bd["requested_size"] = b.requested;
       bd["size_class"] = b.cls;
-      bd["state"] = states[b.state];
-      if (b.state == Block::kAllocated) {
+      // A block freed by its owner while another stream may still use it reads "deferred": it is
+      // active (counted in active_bytes) but not allocated.
+      bd["state"] = b.deferred ? "deferred" : states[b.state];
+      if (b.state == Block::kAllocated && !b.deferred) {
         allocated += b.size;
         requested += b.requested;
       }

@@ -4,7 +4,8 @@
     torchpool bench fragmentation --trace run.tptrace.gz --allocators torchpool,pytorch --json
     torchpool bench fragmentation --plot frag.png        # needs matplotlib
 
-The suite is looked up in $TORCHPOOL_TRACES, then in the source tree's bench/traces.
+The suite is looked up in $TORCHPOOL_TRACES, then in the installed package (the wheel carries a copy of
+bench/traces as torchpool/traces), then in the source tree's bench/traces (editable installs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from .stats import fmt_bytes, format_table
 
 def suite_dir() -> Path:
     env = os.environ.get("TORCHPOOL_TRACES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "bench" / "traces"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "traces", here.parents[1] / "bench" / "traces"):
+        if any(candidate.glob("*.tptrace.gz")):
+            return candidate
+    return here / "traces"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,11 +70,16 @@ def main(args: argparse.Namespace) -> int:
             _reexec_for_jemalloc()
     from . import replay
 
+    names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
+    try:
+        replay.available(names)  # unknown names fail before any trace is read
+    except ValueError as e:
+        print(f"torchpool bench: {e}", file=sys.stderr)
+        return 2
     traces = [Path(t) for t in args.trace] or sorted(suite_dir().glob("*.tptrace.gz"))
     if not traces:
         print(f"torchpool bench: no traces given and none in {suite_dir()}", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
     try:
         rows, skipped = run(traces, names, args.repeats, timeline=400 if args.plot else 0)
     except ValueError as e:
