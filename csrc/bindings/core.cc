@@ -36,6 +36,9 @@ std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream, py
   c.pool.min_split_bytes = take<size_t>(o, "min_split_bytes", c.pool.min_split_bytes);
   c.pool.max_split_bytes = take<size_t>(o, "max_split_bytes", c.pool.max_split_bytes);
   c.pool.max_cached_bytes = take<size_t>(o, "max_cached_bytes", c.pool.max_cached_bytes);
+  c.pool.max_reserved_ratio = take<double>(o, "max_reserved_ratio", c.pool.max_reserved_ratio);
+  if (!(c.pool.max_reserved_ratio == 0 || c.pool.max_reserved_ratio >= 1))
+    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio >= 1");
   c.max_bytes = take<size_t>(o, "max_bytes", 0);
   c.arenas = take<unsigned>(o, "arenas", 1);
   c.device = take<int32_t>(o, "device_index", -1);
@@ -120,6 +123,7 @@ py::list snapshot_list(const std::vector<SegmentView>& segs) {
     seg["segment_type"] = s.small ? "small" : "large";
     seg["expandable"] = s.expandable;
     seg["reserved_size"] = s.reserved;  // address space held; total_size is what is mapped
+    seg["extent"] = s.extent;           // bytes the blocks cover (> total_size when there are holes)
     py::list blocks;
     size_t allocated = 0, requested = 0;
     for (const auto& b : s.blocks) {

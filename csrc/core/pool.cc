@@ -15,6 +15,22 @@ constexpr size_t kLargeBuffer = 20u << 20;  // with max_split_bytes: slack accep
 
 bool is_pow2(size_t x) { return x && !(x & (x - 1)); }
 
+// Calls f(first, count) for each maximal run of chunks in [lo, hi) whose mapped flag equals `value`.
+template <class F>
+void for_each_run(const std::vector<bool>& mapped, size_t lo, size_t hi, bool value, F&& f) {
+  size_t i = lo;
+  while (i < hi) {
+    if (mapped[i] != value) {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < hi && mapped[j] == value) ++j;
+    f(i, j - i);
+    i = j;
+  }
+}
+
 }  // namespace
 
 bool ReserveBudget::try_take(size_t n) {
@@ -32,6 +48,8 @@ Pool::Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget)
     : upstream_(upstream), config_(config), budget_(budget) {
   if (!is_pow2(config_.alignment) || config_.alignment < kClassQuantum)
     throw std::invalid_argument("torchpool: alignment must be a power of two >= 64");
+  if (!(config_.max_reserved_ratio == 0 || config_.max_reserved_ratio >= 1))
+    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio >= 1");
   if (!is_pow2(upstream_.granularity()))
     throw std::invalid_argument("torchpool: upstream granularity must be a power of two");
   config_.large_rounding = std::max(round_up(config_.large_rounding, config_.alignment), config_.alignment);
@@ -54,12 +72,15 @@ Pool::~Pool() {
       b = n;
     }
     if (s->expandable) {
-      upstream_.unmap_chunk(reinterpret_cast<void*>(s->base), s->size, s->stream);
+      const size_t gran = upstream_.granularity();
+      for_each_run(s->chunk_mapped, 0, s->chunk_mapped.size(), true, [&](size_t first, size_t count) {
+        upstream_.unmap_chunk(reinterpret_cast<void*>(s->base + first * gran), count * gran, s->stream);
+      });
       upstream_.unreserve(reinterpret_cast<void*>(s->base), s->reserved, s->stream);
     } else {
       upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
     }
-    if (budget_) budget_->give_back(s->size);
+    if (budget_) budget_->give_back(s->mapped);
     delete s;
   }
   for (Block* b : spare_blocks_) delete b;
@@ -99,6 +120,7 @@ void Pool::account_alloc(Block* b, size_t requested) {
   stats_.active_bytes.add(size);
   stats_.allocation.add(1);
   stats_.active.add(1);
+  allocated_high_water_ = std::max(allocated_high_water_, stats_.allocated_bytes.current);
   if (b->cls >= 0) {
     ClassStat& c = stats_.classes[b->cls];
     c.allocated_blocks += 1;
@@ -220,7 +242,8 @@ void Pool::reclaim(FreeLists& fl) {
   }
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-  for (Segment* s : touched) maybe_release(s);
+  for (Segment* s : touched)
+    if (segment_is_free(s)) maybe_release(s->first);
 }
 
 // ---- segments -------------------------------------------------------------------------------
@@ -241,6 +264,8 @@ Segment* Pool::link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool 
   s->reserved = reserved;
   s->base = base;
   s->size = bytes;
+  s->mapped = s->expandable ? 0 : bytes;  // an expandable segment's chunks are mapped by map_range()
+  if (s->expandable) s->chunk_mapped.assign(bytes / upstream_.granularity(), false);
   s->stream = stream;
   s->small = small;
   s->id = next_segment_id_++;
@@ -252,11 +277,11 @@ Segment* Pool::link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool 
   b->size = bytes;
   b->segment = s;
   s->first = b;
-  stats_.reserved_bytes.add(static_cast<int64_t>(bytes));
+  stats_.reserved_bytes.add(static_cast<int64_t>(s->mapped));
   stats_.segment.add(1);
   stats_.num_upstream_maps++;
   insert_free(b);
-  if (listener_) listener_({true, s->base, s->size, stream});
+  if (listener_ && !s->expandable) listener_({true, s->base, s->size, stream});
   return s;
 }
 
@@ -271,28 +296,30 @@ void Pool::unmap_segment(Segment* s) {
   if (s->prev) s->prev->next = s->next;
   else segments_ = s->next;
   if (s->next) s->next->prev = s->prev;
-  stats_.reserved_bytes.sub(static_cast<int64_t>(s->size));
   stats_.segment.sub(1);
   stats_.num_upstream_unmaps++;
-  if (listener_) listener_({false, s->base, s->size, s->stream});
   if (s->expandable) {
     FreeLists& fl = lists(s->stream);
     if (fl.expandable == s) fl.expandable = nullptr;
-    stats_.num_chunk_unmaps++;
-    upstream_.unmap_chunk(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    if (fl.small_expandable == s) fl.small_expandable = nullptr;
+    for_each_run(s->chunk_mapped, 0, s->chunk_mapped.size(), true,
+                 [&](size_t first, size_t count) { unmap_chunks(s, first, count); });
     upstream_.unreserve(reinterpret_cast<void*>(s->base), s->reserved, s->stream);
   } else {
+    stats_.reserved_bytes.sub(static_cast<int64_t>(s->size));
+    if (listener_) listener_({false, s->base, s->size, s->stream});
     upstream_.unmap(reinterpret_cast<void*>(s->base), s->size, s->stream);
+    if (budget_) budget_->give_back(s->size);
   }
-  if (budget_) budget_->give_back(s->size);
   delete s;
 }
 
-void Pool::maybe_release(Segment* s) {
+void Pool::maybe_release(Block* freed) {
   const auto cached = stats_.reserved_bytes.current - stats_.allocated_bytes.current;
   if (static_cast<size_t>(cached) <= config_.max_cached_bytes) return;
-  if (segment_is_free(s)) unmap_segment(s);
-  else if (s->expandable) shrink_expandable(s);
+  Segment* s = freed->segment;
+  if (s->expandable) release_free_chunks(freed);
+  else if (segment_is_free(s)) unmap_segment(s);
 }
 
 Block* Pool::last_block(const Segment* s) {
@@ -301,43 +328,28 @@ Block* Pool::last_block(const Segment* s) {
   return b;
 }
 
-// Note [Expandable segments] (upstream.h): grow the stream's segment at its end.
-Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded) {
+// Note [Expandable segments] (upstream.h), Note [Holes in expandable segments] (pool.h): grow the
+// stream's segment at its end.  Only address space: map_range() puts memory behind what is allocated.
+Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, bool small) {
   const size_t gran = upstream_.granularity();
-  Segment* s = fl.expandable;
+  Segment*& slot = small ? fl.small_expandable : fl.expandable;
+  Segment* s = slot;
   if (!s) {
     const size_t need = round_up(rounded, gran);
     const size_t want = round_up(std::max(upstream_.reservation_bytes(), need), gran);
     void* base = upstream_.reserve(want, stream);
     if (!base) return nullptr;
-    if (budget_ && !budget_->try_take(need)) {
-      upstream_.unreserve(base, want, stream);
-      return nullptr;
-    }
-    if (!upstream_.map_chunk(base, need, stream)) {
-      if (budget_) budget_->give_back(need);
-      upstream_.unreserve(base, want, stream);
-      return nullptr;
-    }
-    stats_.num_chunk_maps++;
-    s = link_segment(reinterpret_cast<uintptr_t>(base), need, stream, /*small=*/false, want);
-    fl.expandable = s;
+    s = link_segment(reinterpret_cast<uintptr_t>(base), need, stream, small, want);
+    slot = s;
     return s->first;
   }
   Block* last = last_block(s);
   const size_t have = last->state == Block::kFree ? last->size : 0;
   const size_t need = round_up(rounded - std::min(have, rounded), gran);
   if (need == 0 || s->size + need > s->reserved) return nullptr;
-  if (budget_ && !budget_->try_take(need)) return nullptr;
   const uintptr_t at = s->base + s->size;
-  if (!upstream_.map_chunk(reinterpret_cast<void*>(at), need, stream)) {
-    if (budget_) budget_->give_back(need);
-    return nullptr;
-  }
   s->size += need;
-  stats_.reserved_bytes.add(static_cast<int64_t>(need));
-  stats_.num_chunk_maps++;
-  if (listener_) listener_({true, at, need, stream});
+  s->chunk_mapped.resize(s->size / gran, false);
   if (have) {
     erase_free(last);
     last->size += need;
@@ -352,32 +364,143 @@ Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded) {
   return insert_free(b);
 }
 
-size_t Pool::shrink_expandable(Segment* s) {
-  Block* last = last_block(s);
-  if (last->state != Block::kFree) return 0;
-  const uintptr_t end = s->base + s->size;
-  const uintptr_t cut_at = round_up(last->addr, upstream_.granularity());
-  if (cut_at >= end) return 0;
-  const size_t cut = end - cut_at;
-  if (cut_at == s->base) {  // the whole segment is one free block
-    unmap_segment(s);
-    return cut;
-  }
-  erase_free(last);
-  if (listener_) listener_({false, cut_at, cut, s->stream});
-  upstream_.unmap_chunk(reinterpret_cast<void*>(cut_at), cut, s->stream);
-  if (budget_) budget_->give_back(cut);
-  s->size -= cut;
-  stats_.reserved_bytes.sub(static_cast<int64_t>(cut));
+void Pool::unmap_chunks(Segment* s, size_t first, size_t count) {
+  const size_t gran = upstream_.granularity();
+  const uintptr_t at = s->base + first * gran;
+  const size_t bytes = count * gran;
+  if (listener_) listener_({false, at, bytes, s->stream});
+  upstream_.unmap_chunk(reinterpret_cast<void*>(at), bytes, s->stream);
+  for (size_t i = first; i < first + count; ++i) s->chunk_mapped[i] = false;
+  s->mapped -= bytes;
+  if (budget_) budget_->give_back(bytes);
+  stats_.reserved_bytes.sub(static_cast<int64_t>(bytes));
   stats_.num_chunk_unmaps++;
-  if (last->addr == cut_at) {
-    last->prev->next = nullptr;
-    delete_block(last);
-  } else {
-    last->size -= cut;
-    insert_free(last);
+}
+
+bool Pool::map_range(Block* b) {
+  Segment* s = b->segment;
+  const size_t gran = upstream_.granularity();
+  const size_t lo = (b->addr - s->base) / gran;
+  const size_t hi = (b->addr + b->size - s->base + gran - 1) / gran;
+  size_t missing = 0;
+  for (size_t i = lo; i < hi; ++i) missing += s->chunk_mapped[i] ? 0 : gran;
+  if (missing == 0) return true;
+  make_room(missing, b->size);
+  std::vector<std::pair<size_t, size_t>> done;
+  bool ok = true;
+  for_each_run(s->chunk_mapped, lo, hi, false, [&](size_t first, size_t count) {
+    if (!ok) return;
+    const uintptr_t at = s->base + first * gran;
+    const size_t bytes = count * gran;
+    if (budget_ && !budget_->try_take(bytes)) {
+      ok = false;
+      return;
+    }
+    if (!upstream_.map_chunk(reinterpret_cast<void*>(at), bytes, s->stream)) {
+      if (budget_) budget_->give_back(bytes);
+      ok = false;
+      return;
+    }
+    for (size_t i = first; i < first + count; ++i) s->chunk_mapped[i] = true;
+    s->mapped += bytes;
+    stats_.reserved_bytes.add(static_cast<int64_t>(bytes));
+    stats_.num_chunk_maps++;
+    if (listener_) listener_({true, at, bytes, s->stream});
+    done.emplace_back(first, count);
+  });
+  if (!ok)
+    for (auto [first, count] : done) unmap_chunks(s, first, count);
+  return ok;
+}
+
+size_t Pool::release_free_chunks(Block* b) {
+  TP_ASSERT(b->state == Block::kFree && b->segment->expandable);
+  Segment* s = b->segment;
+  const size_t gran = upstream_.granularity();
+  const size_t lo = (b->addr - s->base + gran - 1) / gran;  // chunks wholly inside b
+  const size_t hi = (b->addr + b->size - s->base) / gran;
+  size_t released = 0;
+  if (lo < hi) {
+    for_each_run(s->chunk_mapped, lo, hi, true, [&](size_t first, size_t count) {
+      unmap_chunks(s, first, count);
+      released += count * gran;
+    });
   }
-  return cut;
+  if (b->next == nullptr) {  // a free tail: cut the segment back to the last chunk in use
+    const uintptr_t cut_at = s->base + lo * gran;
+    if (cut_at == s->base) {
+      unmap_segment(s);
+    } else if (cut_at < s->base + s->size) {
+      erase_free(b);
+      s->size = cut_at - s->base;
+      s->chunk_mapped.resize(s->size / gran);
+      if (b->addr == cut_at) {
+        b->prev->next = nullptr;
+        delete_block(b);
+      } else {
+        b->size = cut_at - b->addr;
+        insert_free(b);
+      }
+    }
+  }
+  return released;
+}
+
+// Note [Reserve target] (pool.h).
+size_t Pool::make_room(size_t need, size_t incoming) {
+  if (config_.max_reserved_ratio <= 0) return 0;
+  const auto high = std::max<int64_t>(allocated_high_water_, stats_.allocated_bytes.current + static_cast<int64_t>(incoming));
+  const double target = config_.max_reserved_ratio * static_cast<double>(high);
+  const double have = static_cast<double>(stats_.reserved_bytes.current) + static_cast<double>(need);
+  if (have <= target) return 0;
+  stats_.num_target_releases++;
+  return release_free(static_cast<size_t>(have - target) + 1);
+}
+
+size_t Pool::release_free(size_t target_bytes) {
+  struct Candidate {
+    size_t bytes;
+    Segment* segment;  // an entirely free segment, or
+    Block* block;      // a free block of an expandable segment
+  };
+  const size_t gran = upstream_.granularity();
+  size_t released = 0;
+  for (int pass = 0; pass < 2 && released < target_bytes; ++pass) {
+    if (pass == 1) {  // parked class blocks hold small segments: merge them and look again
+      bool any = false;
+      for (auto& [stream, fl] : streams_) {
+        (void)stream;
+        any = any || fl.parked_bytes > 0;
+        reclaim(fl);
+      }
+      if (!any) break;
+    }
+    std::vector<Candidate> c;
+    for (Segment* s = segments_; s; s = s->next) {
+      if (!s->expandable) {
+        if (segment_is_free(s)) c.push_back({s->size, s, nullptr});
+        continue;
+      }
+      for (Block* b = s->first; b; b = b->next) {
+        if (b->state != Block::kFree) continue;
+        const size_t lo = (b->addr - s->base + gran - 1) / gran, hi = (b->addr + b->size - s->base) / gran;
+        size_t bytes = 0;
+        for (size_t i = lo; i < hi; ++i) bytes += s->chunk_mapped[i] ? gran : 0;
+        if (bytes || b->next == nullptr) c.push_back({bytes, nullptr, b});
+      }
+    }
+    std::sort(c.begin(), c.end(), [](const Candidate& a, const Candidate& b) { return a.bytes > b.bytes; });
+    for (const Candidate& x : c) {
+      if (released >= target_bytes) break;
+      if (x.segment) {
+        released += x.bytes;
+        unmap_segment(x.segment);
+      } else {
+        released += release_free_chunks(x.block);
+      }
+    }
+  }
+  return released;
 }
 
 size_t Pool::release_cached(size_t target_bytes) {
@@ -385,17 +508,7 @@ size_t Pool::release_cached(size_t target_bytes) {
     (void)stream;
     reclaim(fl);
   }
-  size_t released = 0;
-  for (Segment* s = segments_; s && released < target_bytes;) {
-    Segment* next = s->next;
-    if (segment_is_free(s)) {
-      released += s->size;
-      unmap_segment(s);
-    } else if (s->expandable) {
-      released += shrink_expandable(s);
-    }
-    s = next;
-  }
+  const size_t released = release_free(target_bytes);
   TP_ASSERT_EXPENSIVE(check());
   return released;
 }
@@ -445,8 +558,9 @@ Block* Pool::allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bo
     const size_t gran = upstream_.granularity();
     const size_t seg_bytes = small ? std::max(config_.small_segment_bytes, round_up(rounded, gran))
                                    : round_up(rounded, gran);
-    if (!small && upstream_.can_expand()) b = grow_expandable(fl, stream, rounded);
+    if (upstream_.can_expand()) b = grow_expandable(fl, stream, rounded, small);
     if (!b) {
+      make_room(seg_bytes, rounded);
       Segment* s = map_segment(seg_bytes, stream, small);
       if (!s) return nullptr;
       b = s->first;
@@ -456,6 +570,10 @@ Block* Pool::allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bo
   b->state = Block::kAllocated;  // not free while it is split, so the remainder does not merge back
   const size_t min_rest = small ? config_.alignment : config_.min_split_bytes;
   if (b->size - rounded >= min_rest && b->size - rounded > 0) split(b, rounded);
+  if (b->segment->expandable && !map_range(b)) {  // Note [Holes in expandable segments]
+    release_free_chunks(insert_free(b));  // back as it was; an empty reservation is given back
+    return nullptr;
+  }
   return b;
 }
 
@@ -512,9 +630,7 @@ void Pool::free(Block* b) {
   if (b->cls >= 0) {
     park(b);
   } else {
-    Segment* s = b->segment;
-    insert_free(b);
-    maybe_release(s);
+    maybe_release(insert_free(b));
   }
   TP_ASSERT_EXPENSIVE(check());
 }
@@ -524,10 +640,28 @@ void Pool::free(Block* b) {
 Stats Pool::stats_with_derived() const {
   Stats s = stats_;
   int64_t largest = 0;
+  const size_t gran = upstream_.granularity();
   for (const auto& [stream, fl] : streams_) {
     (void)stream;
-    if (!fl.small_free.empty()) largest = std::max<int64_t>(largest, (*fl.small_free.rbegin())->size);
-    if (!fl.large_free.empty()) largest = std::max<int64_t>(largest, (*fl.large_free.rbegin())->size);
+    // A free block of an expandable segment counts its mapped bytes (Note [Holes in expandable
+    // segments]): the free memory the allocator holds, not the address space.
+    for (const FreeSet* set : {&fl.small_free, &fl.large_free})
+    for (auto it = set->rbegin(); it != set->rend(); ++it) {
+      const Block* b = *it;
+      if (static_cast<int64_t>(b->size) <= largest) break;
+      int64_t bytes = static_cast<int64_t>(b->size);
+      if (b->segment->expandable) {
+        const Segment* s = b->segment;
+        bytes = 0;
+        for (uintptr_t c = (b->addr - s->base) / gran * gran; s->base + c < b->addr + b->size; c += gran) {
+          if (!s->chunk_mapped[c / gran]) continue;
+          const uintptr_t lo = std::max<uintptr_t>(s->base + c, b->addr);
+          const uintptr_t hi = std::min<uintptr_t>(s->base + c + gran, b->addr + b->size);
+          bytes += static_cast<int64_t>(hi - lo);
+        }
+      }
+      largest = std::max(largest, bytes);
+    }
     for (int c = static_cast<int>(kNumSizeClasses) - 1; c >= 0; --c) {
       if (fl.class_head[c]) {
         largest = std::max<int64_t>(largest, class_bytes(c));
@@ -542,7 +676,7 @@ Stats Pool::stats_with_derived() const {
 std::vector<SegmentView> Pool::snapshot() const {
   std::vector<SegmentView> out;
   for (const Segment* s = segments_; s; s = s->next) {
-    SegmentView v{s->base, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
+    SegmentView v{s->base, s->mapped, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
     for (const Block* b = s->first; b; b = b->next) {
       const bool deferred = b->state == Block::kDeferred;
       v.blocks.push_back({b->addr, b->size, b->requested, b->cls, deferred ? Block::kAllocated : b->state, deferred});
@@ -576,10 +710,12 @@ std::string Pool::check() const {
       }
     }
     if (bytes != fl.parked_bytes) return fail("parked_bytes disagrees with the class lists", nullptr);
-    if (const Segment* e = fl.expandable) {
+    for (const Segment* e : {fl.expandable, fl.small_expandable}) {
+      if (!e) continue;
       bool found = false;
       for (const Segment* s = segments_; s; s = s->next) found = found || s == e;
       if (!found || !e->expandable || e->stream != stream) return fail("a stream's expandable segment is not one of its segments", nullptr);
+      if (e->small != (e == fl.small_expandable)) return fail("a stream's expandable segment has the wrong kind", nullptr);
     }
   }
   const size_t gran = upstream_.granularity();
@@ -591,10 +727,26 @@ std::string Pool::check() const {
     if (s->first->prev) return fail("first block has a predecessor", s->first);
     if (s->next && s->next->prev != s) return fail("segment list back link broken", nullptr);
     if (s->expandable) {
-      if (s->small || s->size > s->reserved || s->base % gran || s->size % gran || s->reserved % gran)
+      if (s->size > s->reserved || s->base % gran || s->size % gran || s->reserved % gran)
         return fail("expandable segment with a bad size, reservation or alignment", s->first);
       auto it = streams_.find(s->stream);
-      if (it == streams_.end() || it->second.expandable != s) return fail("expandable segment is not its stream's", s->first);
+      if (it == streams_.end() || (s->small ? it->second.small_expandable : it->second.expandable) != s)
+        return fail("expandable segment is not its stream's", s->first);
+      if (s->chunk_mapped.size() != s->size / gran) return fail("expandable segment chunk map has the wrong length", s->first);
+      size_t mapped = 0;
+      for (size_t i = 0; i < s->chunk_mapped.size(); ++i) {
+        if (!s->chunk_mapped[i]) continue;
+        if (i * gran >= s->size) return fail("expandable segment maps a chunk past its blocks", s->first);
+        mapped += gran;
+      }
+      if (mapped != s->mapped) return fail("expandable segment's mapped bytes disagree with its chunk map", s->first);
+      for (const Block* b = s->first; b; b = b->next) {
+        if (b->state == Block::kFree) continue;
+        for (size_t i = (b->addr - s->base) / gran; i * gran < b->addr + b->size - s->base; ++i)
+          if (!s->chunk_mapped[i]) return fail("a block in use overlaps a chunk with no memory", b);
+      }
+    } else if (s->mapped != s->size) {
+      return fail("segment's mapped bytes differ from its size", s->first);
     }
     size_t total = 0;
     for (const Block* b = s->first; b; b = b->next) {
@@ -635,7 +787,7 @@ std::string Pool::check() const {
       }
     }
     if (total != s->size) return fail("block sizes do not add up to the segment size", nullptr);
-    want.reserved_bytes.current += static_cast<int64_t>(s->size);
+    want.reserved_bytes.current += static_cast<int64_t>(s->mapped);
     want.segment.current += 1;
   }
   size_t in_sets = 0;

@@ -9,8 +9,10 @@
 //          ├── class_head[c]: blocks of exactly class_bytes(c), parked unmerged ("cached")
 //          ├── small_free: free blocks inside small segments, ordered by (size, addr) for best fit
 //          ├── large_free: free blocks inside large segments, ordered by (size, addr)
-//          └── expandable: the stream's expandable segment, or null (Note [Expandable segments],
-//                          upstream.h): a reservation of `reserved` bytes whose first `size` are mapped
+//          └── expandable, small_expandable: the stream's expandable segments for large and for
+//                          small blocks, or null (Note [Expandable segments],
+//                          upstream.h): a reservation of `reserved` bytes whose first `size` bytes
+//                          are covered by blocks; chunk_mapped[i] says whether chunk i has memory
 //
 // Block states and invariants (checked by Pool::check(), the is_valid() walk)
 // ----------------------------------------------------------------------------
@@ -24,12 +26,18 @@
 //               structure, so its segment is never returned.  Pool::free() makes it kFree/kCached.
 //   For every segment:  first->addr == base,  b->next->addr == b->addr + b->size,
 //                       sum(block sizes) == size.
-//   Expandable segments: large (not small), size <= reserved, base / size / reserved multiples of
-//                       the upstream granularity, at most one per stream and it is that stream's
-//                       FreeLists::expandable; never an empty one (a fully released one is unreserved).
+//   Expandable segments: size <= reserved, base / size / reserved multiples of the upstream
+//                       granularity, at most one large and one small per stream, and they are that
+//                       stream's FreeLists::expandable / small_expandable; never an empty one (a fully
+//                       released one is unreserved).
+//                       chunk_mapped has size / granularity entries (nothing past `size` is mapped);
+//                       mapped == granularity × #{i : chunk_mapped[i]}; every chunk that overlaps a
+//                       block that is not kFree is mapped (a free
+//                       block may span holes: Note [Holes in expandable segments]).
+//   Other segments:     mapped == size.
 //   Gauges:  allocated_bytes == Σ size of kAllocated,  requested_bytes == Σ requested,
 //            active_bytes == allocated_bytes + Σ size of kDeferred (active == allocation + #kDeferred),
-//            reserved_bytes == Σ segment size (mapped bytes),  cached_class_bytes == Σ size of kCached,
+//            reserved_bytes == Σ segment mapped,  cached_class_bytes == Σ size of kCached,
 //            inactive_split_bytes == Σ size of kFree/kCached blocks whose segment has > 1 block.
 //
 // Note [Parked class blocks]
@@ -48,7 +56,36 @@
 // glibc comes from (glibc unmaps large chunks and the kernel zeroes the pages again).  A segment is
 // returned to the upstream only when it is entirely free and (a) empty_cache() runs, (b) the cached
 // bytes (reserved - allocated) exceed Config::max_cached_bytes, or (c) an allocation would exceed
-// Config::max_bytes (the retry path).
+// Config::max_bytes (the retry path), or (d) a new mapping would exceed the reserve target (Note
+// [Reserve target]).
+//
+// Note [Reserve target]
+// ---------------------
+// Rationale: a cache that never gives memory back holds, at the peak, every segment it ever mapped
+// for sizes the program no longer asks for: replayed traces of variable-shape training and inference
+// showed 37–62 % utilization (peak allocated / peak reserved) with no limit, as PyTorch's policy
+// shows 62–68 %.  A fixed max_cached_bytes does not scale with the program.  Approach: with
+// max_reserved_ratio = r > 0, before the pool maps new memory it checks reserved + new <= r ×
+// max(high-water of allocated bytes, allocated + the request); when the check fails it first returns
+// free memory (parked class blocks merged, entirely free segments largest first, free chunks of
+// expandable segments) until the check passes or nothing free is left, then maps.  The target is
+// relative to the high-water, not to what is allocated now, so a program that repeats its peak every
+// step reaches a steady state with no mapping churn; memory is only returned when the shape of the
+// demand changes.  Limitations: blocks in partially used segments cannot be returned (only
+// expandable segments, whose holes can be unmapped chunk by chunk, avoid that); a program whose peak
+// moves every step pays one unmap + map per change (counted in num_upstream_maps / unmaps).
+//
+// Note [Holes in expandable segments]
+// -----------------------------------
+// An expandable segment (Note [Expandable segments], upstream.h) is an address range whose chunks
+// are mapped independently.  Its blocks cover [base, base + size) as in any segment, but a free block
+// may contain chunks with no memory behind them: growing the segment only extends the free tail block
+// (address space), and memory is put behind a block when it is allocated (map_range), for the chunks
+// it overlaps that are not mapped yet.  Free memory is returned chunk by chunk: every chunk wholly
+// inside a free block can be unmapped (release_free_chunks), wherever the block lies, and a free tail
+// is cut back to the last chunk in use.  So neighbouring free blocks always coalesce, and the memory
+// held is the chunks that live blocks touch plus whatever cache the release policy keeps.  Cost: a
+// block may need one map call per run of missing chunks when it is allocated.
 #pragma once
 
 #include <atomic>
@@ -92,6 +129,8 @@ struct Segment {
   bool small = false;     // holds size-class blocks
   bool expandable = false;  // Note [Expandable segments]: grows in place up to `reserved`
   size_t reserved = 0;      // expandable only: bytes of address space reserved at base
+  size_t mapped = 0;        // bytes with memory behind them (== size unless expandable)
+  std::vector<bool> chunk_mapped;  // expandable only: one per chunk of [base, base + size)
   Block* first = nullptr;
   Segment* prev = nullptr;
   Segment* next = nullptr;
@@ -106,6 +145,7 @@ struct PoolConfig {
   size_t min_split_bytes = 4096;            // a large block is split only if the rest is at least this
   size_t max_split_bytes = SIZE_MAX;        // free blocks above this are never split (PyTorch's max_split_size)
   size_t max_cached_bytes = SIZE_MAX;       // Note [Release policy]
+  double max_reserved_ratio = 0;            // Note [Reserve target]: 0 = no target, else >= 1
 };
 
 // Called when the pool maps or unmaps a segment (tracing); may be empty.
@@ -141,7 +181,8 @@ struct BlockView {  // one row of a snapshot
 
 struct SegmentView {
   uintptr_t base;
-  size_t size;
+  size_t size;      // bytes mapped
+  size_t extent;    // bytes the blocks cover (== size unless an expandable segment has holes)
   uint64_t stream;
   bool small;
   bool expandable;
@@ -195,7 +236,8 @@ class Pool {
     size_t parked_bytes = 0;
     FreeSet small_free;
     FreeSet large_free;
-    Segment* expandable = nullptr;
+    Segment* expandable = nullptr;        // for large blocks
+    Segment* small_expandable = nullptr;  // for size-class / small blocks
   };
 
   FreeLists& lists(uint64_t stream);
@@ -206,8 +248,12 @@ class Pool {
   Segment* map_segment(size_t bytes, uint64_t stream, bool small);
   void unmap_segment(Segment* s);
   Segment* link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool small, size_t reserved);  // reserved: expandable
-  Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded);  // a kFree block >= rounded, or null
-  size_t shrink_expandable(Segment* s);  // unmaps whole free chunks at the tail; returns bytes unmapped
+  Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, bool small);  // a kFree block >= rounded, or null
+  bool map_range(Block* b);  // expandable: maps the chunks b overlaps that have no memory; false on failure
+  size_t release_free_chunks(Block* b);  // expandable, b kFree: unmaps the chunks inside b; may free the segment
+  void unmap_chunks(Segment* s, size_t first, size_t count);
+  size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
+  size_t release_free(size_t target_bytes);       // free segments largest first, then expandable holes
   static Block* last_block(const Segment* s);
   Block* split(Block* b, size_t size);  // b is not on a free structure; returns b (now `size` long)
   Block* insert_free(Block* b);         // merges with kFree neighbours, inserts; returns the survivor
@@ -215,7 +261,7 @@ class Pool {
   void park(Block* b);
   void unpark(Block* b);
   void reclaim(FreeLists& fl);
-  void maybe_release(Segment* s);
+  void maybe_release(Block* freed);
   bool segment_is_free(const Segment* s) const;
   Block* new_block();
   void delete_block(Block* b);
@@ -231,6 +277,7 @@ class Pool {
   ReserveBudget* budget_;
   Stats stats_;
   Segment* segments_ = nullptr;
+  int64_t allocated_high_water_ = 0;  // never reset: Note [Reserve target]
   uint64_t next_segment_id_ = 0;
   std::unordered_map<uint64_t, FreeLists> streams_;
   uint64_t last_stream_ = ~uint64_t{0};

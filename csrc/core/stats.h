@@ -41,8 +41,9 @@ namespace torchpool {
   X(num_reclaims, "times parked class blocks were merged back into free blocks")         \
   X(num_splits, "blocks split in two")                                                   \
   X(num_merges, "free neighbours merged")                                                \
-  X(num_chunk_maps, "chunks mapped to grow an expandable segment")                       \
-  X(num_chunk_unmaps, "chunks unmapped from the tail of an expandable segment")          \
+  X(num_chunk_maps, "runs of chunks mapped into expandable segments")                    \
+  X(num_chunk_unmaps, "runs of chunks of expandable segments unmapped")                   \
+  X(num_target_releases, "new mappings that first returned free memory (reserve target)") \
   X(num_deferred_frees, "frees deferred until other streams' events complete")
 
 struct Stat {

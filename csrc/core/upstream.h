@@ -11,14 +11,15 @@
 // strands free memory in holes no request fits.  PyTorch's expandable_segments (Note [Expandable
 // Segments] in CUDACachingAllocator.cpp) and GMLake map physical memory into one reserved virtual
 // range instead.  Approach: an upstream whose can_expand() is true also offers reserve / map_chunk /
-// unmap_chunk / unreserve.  The pool then keeps, per stream, one expandable segment for large
-// blocks: a reservation whose first `size` bytes are mapped.  When no free block fits, the segment
-// grows in place at its end (map_chunk), so the new memory merges with a free tail block; when the
-// tail block is free, whole chunks at the end are unmapped (empty_cache, max_cached_bytes, the
-// out-of-memory retry).  Small (size-class) segments still come from map().  Limitations: only the
-// tail is returned (a free hole in the middle of the segment stays mapped, unlike PyTorch, which
-// also unmaps interior pages); a segment cannot grow past its reservation (the pool then falls
-// back to an ordinary map() segment).
+// unmap_chunk / unreserve.  The pool then keeps, per stream, two expandable segments (one for large
+// blocks, one for size-class blocks): reservations whose blocks cover the first `size` bytes.  When
+// no free block fits, the segment grows in place at its end (address space only), so the new range
+// merges with a free tail block; memory is mapped chunk by chunk behind the blocks that are
+// allocated, and every chunk wholly inside a free block can be unmapped again, in the middle of the
+// segment as at its end (Note [Holes in expandable segments], pool.h): empty_cache, max_cached_bytes,
+// the out-of-memory retry and the reserve target (Note [Reserve target]) do so.  Limitations: a
+// segment cannot grow past its reservation (the pool then falls back to ordinary map() segments);
+// a chunk shared by a live block and free bytes stays mapped.
 #pragma once
 
 #include <cstddef>

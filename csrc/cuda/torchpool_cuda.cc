@@ -151,6 +151,15 @@ TP_API int torchpool_cuda_configure(const char* conf) {
     const std::string key = item.substr(0, eq);
     char* end = nullptr;
     const std::string val = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (key == "max_reserved_ratio") {  // the one fractional option
+      const double r = std::strtod(val.c_str(), &end);
+      if (val.empty() || *end != '\0' || !(r == 0 || r >= 1)) {
+        t_error = "torchpool: CUDA option '" + item + "' must be 0 or a ratio >= 1";
+        return -1;
+      }
+      o.alloc.pool.max_reserved_ratio = r;
+      continue;
+    }
     const unsigned long long v = std::strtoull(val.c_str(), &end, 10);
     if (val.empty() || *end != '\0') {
       t_error = "torchpool: CUDA option '" + item + "' is not key=<integer>";
@@ -227,7 +236,7 @@ TP_API const char* torchpool_cuda_stats(int device) {
   return text(o.str());
 }
 
-// "segment base size stream small expandable reserved" lines, each followed by its
+// "segment base size stream small expandable reserved extent" lines, each followed by its
 // "block addr size requested class state" lines (state: free, cached, allocated, deferred).
 TP_API const char* torchpool_cuda_snapshot(int device) {
   CachingAllocator* a = get(device, false);
@@ -236,7 +245,7 @@ TP_API const char* torchpool_cuda_snapshot(int device) {
   std::ostringstream o;
   for (const SegmentView& s : a->snapshot()) {
     o << "segment " << s.base << " " << s.size << " " << s.stream << " " << s.small << " " << s.expandable << " "
-      << s.reserved << "\n";
+      << s.reserved << " " << s.extent << "\n";
     for (const BlockView& b : s.blocks)
       o << "block " << b.addr << " " << b.size << " " << b.requested << " " << b.cls << " "
         << (b.deferred ? "deferred" : states[b.state]) << "\n";

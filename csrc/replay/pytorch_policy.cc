@@ -179,6 +179,7 @@ std::vector<SegmentView> PytorchPolicy::snapshot() const {
     SegmentView v{};  // fields by name: the core's view types gain fields
     v.base = s->base;
     v.size = s->size;
+    v.extent = s->size;
     v.stream = s->stream;
     v.small = s->small;
     for (const Blk* b = s->first; b; b = b->next) {

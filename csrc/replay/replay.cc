@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -77,8 +78,8 @@ namespace {
 
 class TorchpoolAdapter final : public Adapter {
  public:
-  TorchpoolAdapter(const PoolConfig& pool, size_t granularity)
-      : upstream_(std::make_shared<FakeUpstream>(SIZE_MAX, granularity)), alloc_(upstream_, config(pool)) {}
+  TorchpoolAdapter(const PoolConfig& pool, size_t granularity, size_t reservation)
+      : upstream_(std::make_shared<FakeUpstream>(SIZE_MAX, granularity, reservation)), alloc_(upstream_, config(pool)) {}
   void* allocate(size_t bytes, uint64_t stream) override {
     try {
       return alloc_.allocate(bytes, stream);
@@ -122,8 +123,8 @@ class PytorchAdapter final : public Adapter {
 
 }  // namespace
 
-std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity) {
-  return std::make_unique<TorchpoolAdapter>(pool, granularity);
+std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity, size_t reservation) {
+  return std::make_unique<TorchpoolAdapter>(pool, granularity, reservation);
 }
 
 // torchpool's modes.  Each is a PoolConfig; the core's defaults are the product's defaults.
@@ -138,6 +139,15 @@ const std::vector<TorchpoolMode>& torchpool_modes() {
     PoolConfig cuda = def;
     cuda.alignment = 512;
     m.push_back({"torchpool-align512", "torchpool with PyTorch's 512 B alignment of CUDA blocks", cuda, 2u << 20});
+    for (double r : {0.0, 1.02, 1.05, 1.1, 1.2}) {
+      PoolConfig t = def;
+      t.max_reserved_ratio = r;
+      char name[64];
+      std::snprintf(name, sizeof name, "tp-r%.2f", r);
+      m.push_back({name, "experiment", t, 2u << 20});
+      std::snprintf(name, sizeof name, "tp-exp-r%.2f", r);
+      m.push_back({name, "experiment", t, 2u << 20, size_t{1} << 40});
+    }
     return m;
   }();
   return modes;
@@ -148,7 +158,7 @@ const std::vector<AllocatorInfo>& allocators() {
     std::vector<AllocatorInfo> v;
     for (const TorchpoolMode& m : torchpool_modes()) {
       v.push_back({m.name, "torchpool", m.description, true, "",
-                   [pool = m.pool, g = m.granularity] { return make_torchpool_adapter(pool, g); }});
+                   [pool = m.pool, g = m.granularity, r = m.reservation] { return make_torchpool_adapter(pool, g, r); }});
     }
     PytorchPolicyConfig pt;
     v.push_back({"pytorch", "emulation", "emulation of PyTorch's CUDACachingAllocator policy (defaults)", true, "",

@@ -117,9 +117,10 @@ struct TorchpoolMode {
   std::string description;
   PoolConfig pool;
   size_t granularity = 2u << 20;
+  size_t reservation = 0;  // > 0: an expandable fake upstream with reservations of this size
 };
 const std::vector<TorchpoolMode>& torchpool_modes();
-std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity);
+std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity, size_t reservation = 0);
 
 struct Sample {
   uint64_t op;

@@ -1,6 +1,9 @@
 // A fake upstream for tests: hands out fake, never-touched addresses from a counter (the core only
 // does arithmetic on addresses, so it cannot tell), with a capacity and injectable failures.
 // Used by the conformance suite, the randomized invariant tests and the replay benchmark.
+// With reservation_bytes > 0 it is also an expandable upstream (Note [Expandable segments]): reserve()
+// hands out fake address ranges and map_chunk / unmap_chunk keep a set of mapped chunks, so any
+// double map, unmap of an unmapped chunk or chunk outside a reservation is caught (logic_error).
 #pragma once
 
 #include <atomic>
@@ -15,8 +18,8 @@ namespace torchpool {
 
 class FakeUpstream final : public Upstream {
  public:
-  explicit FakeUpstream(size_t capacity_bytes = SIZE_MAX, size_t granularity = 2u << 20)
-      : capacity_(capacity_bytes), granularity_(granularity) {}
+  explicit FakeUpstream(size_t capacity_bytes = SIZE_MAX, size_t granularity = 2u << 20, size_t reservation_bytes = 0)
+      : capacity_(capacity_bytes), granularity_(granularity), reservation_(reservation_bytes) {}
 
   void* map(size_t bytes, uint64_t /*stream*/) override {
     std::lock_guard<std::mutex> g(mu_);
@@ -44,6 +47,50 @@ class FakeUpstream final : public Upstream {
   size_t granularity() const override { return granularity_; }
   const char* name() const override { return "fake"; }
 
+  bool can_expand() const override { return reservation_ != 0; }
+  size_t reservation_bytes() const override { return reservation_; }
+  void* reserve(size_t bytes, uint64_t /*stream*/) override {
+    std::lock_guard<std::mutex> g(mu_);
+    ++map_calls_;
+    if (bytes % granularity_) throw std::logic_error("FakeUpstream: reservation not a multiple of the granularity");
+    const uintptr_t p = next_;
+    next_ += bytes + granularity_;
+    reservations_.insert({p, bytes});
+    return reinterpret_cast<void*>(p);
+  }
+  void unreserve(void* base, size_t bytes, uint64_t /*stream*/) override {
+    std::lock_guard<std::mutex> g(mu_);
+    ++unmap_calls_;
+    const auto b = reinterpret_cast<uintptr_t>(base);
+    if (!reservations_.erase({b, bytes})) throw std::logic_error("FakeUpstream: unreserve of an unknown reservation");
+    auto it = chunks_.lower_bound(b);
+    if (it != chunks_.end() && *it < b + bytes) throw std::logic_error("FakeUpstream: unreserve with chunks still mapped");
+  }
+  bool map_chunk(void* addr, size_t bytes, uint64_t /*stream*/) override {
+    std::lock_guard<std::mutex> g(mu_);
+    ++map_calls_;
+    const auto a = reinterpret_cast<uintptr_t>(addr);
+    check_chunk_range(a, bytes);
+    if (fail_next_ > 0) {
+      --fail_next_;
+      return false;
+    }
+    if (bytes > capacity_ - mapped_) return false;
+    for (uintptr_t c = a; c < a + bytes; c += granularity_)
+      if (!chunks_.insert(c).second) throw std::logic_error("FakeUpstream: chunk mapped twice");
+    mapped_ += bytes;
+    return true;
+  }
+  void unmap_chunk(void* addr, size_t bytes, uint64_t /*stream*/) override {
+    std::lock_guard<std::mutex> g(mu_);
+    ++unmap_calls_;
+    const auto a = reinterpret_cast<uintptr_t>(addr);
+    check_chunk_range(a, bytes);
+    for (uintptr_t c = a; c < a + bytes; c += granularity_)
+      if (!chunks_.erase(c)) throw std::logic_error("FakeUpstream: unmap of a chunk that is not mapped");
+    mapped_ -= bytes;
+  }
+
   void fail_next(int n) {
     std::lock_guard<std::mutex> g(mu_);
     fail_next_ = n;
@@ -62,9 +109,20 @@ class FakeUpstream final : public Upstream {
   }
 
  private:
+  void check_chunk_range(uintptr_t a, size_t bytes) const {
+    if (bytes == 0 || a % granularity_ || bytes % granularity_) throw std::logic_error("FakeUpstream: chunk range not aligned");
+    auto it = reservations_.upper_bound({a, SIZE_MAX});
+    if (it == reservations_.begin()) throw std::logic_error("FakeUpstream: chunk outside every reservation");
+    --it;
+    if (a + bytes > it->first + it->second) throw std::logic_error("FakeUpstream: chunk outside every reservation");
+  }
+
   mutable std::mutex mu_;
   size_t capacity_;
   size_t granularity_;
+  size_t reservation_;
+  std::set<std::pair<uintptr_t, size_t>> reservations_;
+  std::set<uintptr_t> chunks_;
   size_t mapped_ = 0;
   uintptr_t next_ = uintptr_t{1} << 40;
   int fail_next_ = 0;

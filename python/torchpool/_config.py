@@ -14,6 +14,8 @@ import os
 OPTIONS: dict[str, tuple[type, str]] = {
     "max_bytes": (int, "limit on reserved bytes; above it allocation raises torch.OutOfMemoryError (0: none)"),
     "max_cached_bytes": (int, "cached (reserved - allocated) bytes kept before free segments are returned"),
+    "max_reserved_ratio": (float, "before mapping more, return free memory so that reserved <= ratio x the high-water of "
+                                  "allocated bytes (0: never; Note [Reserve target])"),
     "arenas": (int, "independent arenas for size-class requests (threads pick one round-robin)"),
     "huge_pages": (bool, "madvise(MADV_HUGEPAGE) on segments of 2 MiB and more (host upstream)"),
     "populate": (bool, "fault pages in when a segment is mapped (host upstream)"),
@@ -66,6 +68,13 @@ def normalize(options: dict[str, object]) -> dict[str, object]:
             raise ConfigError(f"torchpool: option {name!r} given twice (as {key!r})")
         if typ is bool:
             out[name] = _parse_bool(key, value)
+        elif typ is float:
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"torchpool: option {key!r} takes a number, not {value!r}") from None
+            if not (out[name] == 0 or out[name] >= 1):
+                raise ConfigError(f"torchpool: option {key!r} must be 0 (off) or a ratio >= 1, not {value!r}")
         else:
             try:
                 number = float(value) if isinstance(value, str) else value

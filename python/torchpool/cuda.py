@@ -108,10 +108,11 @@ def _parse_snapshot(text: str) -> list[dict]:
     for line in text.splitlines():
         parts = line.split()
         if parts[0] == "segment":
-            base, size, stream, small, expandable, reserved = map(int, parts[1:])
+            base, size, stream, small, expandable, reserved, extent = map(int, parts[1:])
             segs.append({"address": base, "total_size": size, "stream": stream,
                          "segment_type": "small" if small else "large", "expandable": bool(expandable),
-                         "reserved_size": reserved, "allocated_size": 0, "requested_size": 0, "blocks": []})
+                         "reserved_size": reserved, "extent": extent, "allocated_size": 0, "requested_size": 0,
+                         "blocks": []})
         else:
             addr, size, req, cls = map(int, parts[1:5])
             state = parts[5]
@@ -193,7 +194,7 @@ def configure(**options) -> None:
     allocation.  For the MemPool route and for tests."""
     cfg = _config.normalize(options)
     # Host-only options (documented as such) may come with cuda=1 in a shared TORCHPOOL_CONF.
-    conf = ",".join(f"{k}={int(v)}" for k, v in cfg.items() if k not in _HOST_ONLY)
+    conf = ",".join(f"{k}={v if isinstance(v, float) else int(v)}" for k, v in cfg.items() if k not in _HOST_ONLY)
     if _library().torchpool_cuda_configure(conf.encode()) != 0:
         raise _config.ConfigError(_last_error())
 

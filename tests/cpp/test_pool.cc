@@ -20,12 +20,13 @@ namespace {
 
 std::shared_ptr<Upstream> make_upstream(const std::string& name) {
   if (name == "fake") return std::make_shared<FakeUpstream>();
+  if (name == "fake_expandable") return std::make_shared<FakeUpstream>(SIZE_MAX, 2u << 20, size_t{1} << 40);
   if (name == "host_mmap") return std::make_shared<HostMmapUpstream>();
   if (name == "host_mmap_no_thp") return std::make_shared<HostMmapUpstream>(HostMmapOptions{false});
   throw std::runtime_error("unknown upstream " + name);
 }
 
-const char* kUpstreams[] = {"fake", "host_mmap", "host_mmap_no_thp"};
+const char* kUpstreams[] = {"fake", "fake_expandable", "host_mmap", "host_mmap_no_thp"};
 
 void random_workload(CachingAllocator& a, uint64_t seed, int steps, bool check_each) {
   std::mt19937_64 rng(seed);
@@ -258,4 +259,133 @@ TEST_CASE("host memory is really usable") {
   for (size_t i = 0; i < (40u << 20); i += 4096) p[i] = static_cast<unsigned char>(i >> 12);
   CHECK(p[4096 * 7] == 7);
   a.free(p);
+}
+
+// ---- Note [Holes in expandable segments], Note [Reserve target] ----------------------------------
+
+namespace {
+constexpr size_t MiB = size_t{1} << 20;
+std::shared_ptr<FakeUpstream> fake_expandable(size_t capacity = SIZE_MAX) {
+  return std::make_shared<FakeUpstream>(capacity, 2 * MiB, size_t{1} << 40);
+}
+}  // namespace
+
+TEST_CASE("expandable: a free hole in the middle gives its chunks back and is mapped again on reuse") {
+  auto up = fake_expandable();
+  CachingAllocator a(up, {});
+  void* x = a.allocate(4 * MiB);
+  void* y = a.allocate(4 * MiB);
+  void* z = a.allocate(4 * MiB);
+  CHECK(up->mapped() == 12 * MiB);
+  a.free(y);
+  CHECK(up->mapped() == 12 * MiB);  // cached: nothing asks for it back yet
+  a.empty_cache();
+  CHECK(up->mapped() == 8 * MiB);   // the interior hole is unmapped, x and z stay
+  CHECK(a.stats().reserved_bytes.current == 8 * MiB);
+  CHECK(a.check() == "");
+  void* y2 = a.allocate(4 * MiB);   // best fit puts it in the hole: its chunks are mapped again
+  CHECK(y2 == y);
+  CHECK(up->mapped() == 12 * MiB);
+  CHECK(a.check() == "");
+  for (void* p : {x, y2, z}) a.free(p);
+  a.empty_cache();
+  CHECK(up->mapped() == 0);
+  CHECK(a.stats().segment.current == 0);
+}
+
+TEST_CASE("expandable: size-class blocks come from their own expandable segment") {
+  auto up = fake_expandable();
+  CachingAllocator a(up, {});
+  std::vector<void*> small;
+  for (int i = 0; i < 64; ++i) small.push_back(a.allocate(100 << 10));  // 6.4 MB of 100 KiB blocks
+  const auto snap = a.snapshot();
+  size_t small_segments = 0;
+  for (const auto& seg : snap) small_segments += seg.small;
+  CHECK(small_segments == 1);
+  for (const auto& seg : snap) CHECK(seg.expandable);
+  for (void* p : small) a.free(p);
+  a.empty_cache();
+  CHECK(up->mapped() == 0);
+  CHECK(a.check() == "");
+}
+
+TEST_CASE("expandable: a chunk that cannot be mapped leaves the allocator as it was") {
+  auto up = fake_expandable(16 * MiB);
+  AllocatorConfig cfg;
+  CachingAllocator a(up, cfg);
+  void* x = a.allocate(6 * MiB);
+  void* y = a.allocate(6 * MiB);
+  CHECK_THROWS_AS(a.allocate(6 * MiB), OutOfMemory);  // 18 MiB > 16 MiB of capacity
+  CHECK(a.check() == "");
+  CHECK(up->mapped() == 12 * MiB);
+  a.free(x);
+  void* z = a.allocate(6 * MiB);  // fits again
+  CHECK(z != nullptr);
+  up->fail_next(1);
+  a.free(z);
+  a.empty_cache();
+  void* w = a.allocate(5 * MiB);  // the first chunk map fails, the retry succeeds
+  CHECK(w != nullptr);
+  CHECK(a.stats().num_alloc_retries >= 1);
+  CHECK(a.check() == "");
+  a.free(w);
+  a.free(y);
+}
+
+TEST_CASE("reserve target: free segments are returned before a new mapping would exceed it") {
+  for (double ratio : {0.0, 1.1}) {
+    CAPTURE(ratio);
+    auto up = std::make_shared<FakeUpstream>();
+    AllocatorConfig cfg;
+    cfg.pool.max_reserved_ratio = ratio;
+    CachingAllocator a(up, cfg);
+    std::vector<void*> ps;
+    for (int i = 0; i < 10; ++i) ps.push_back(a.allocate(4 * MiB));
+    for (void* p : ps) a.free(p);
+    void* big = a.allocate(44 * MiB);  // fits no cached segment
+    CHECK(a.check() == "");
+    if (ratio == 0) {
+      CHECK(up->mapped() == 84 * MiB);  // 40 cached + 44
+      CHECK(a.stats().num_target_releases == 0);
+    } else {
+      CHECK(up->mapped() <= static_cast<size_t>(1.1 * 44 * MiB));
+      CHECK(a.stats().num_target_releases == 1);
+    }
+    a.free(big);
+  }
+}
+
+TEST_CASE("reserve target: a repeated step reaches a steady state with no new mappings") {
+  auto up = fake_expandable();
+  AllocatorConfig cfg;
+  cfg.pool.max_reserved_ratio = 1.05;
+  CachingAllocator a(up, cfg);
+  std::mt19937_64 rng(7);
+  std::vector<size_t> step;
+  for (int i = 0; i < 40; ++i) step.push_back((1 + rng() % 3000) << 10);  // 1 KiB .. 3 MiB
+  uint64_t maps_after_first = 0;
+  for (int it = 0; it < 5; ++it) {
+    std::vector<void*> live;
+    for (size_t n : step) live.push_back(a.allocate(n));
+    for (size_t i = 0; i < live.size(); i += 2) a.free(live[i]);
+    for (size_t i = 1; i < live.size(); i += 2) a.free(live[i]);
+    REQUIRE(a.check() == "");
+    if (it == 0) maps_after_first = up->map_calls();
+  }
+  CHECK(up->map_calls() == maps_after_first);
+  const auto s = a.stats();
+  CHECK(static_cast<double>(s.reserved_bytes.peak) <= 1.05 * static_cast<double>(s.allocated_bytes.peak) + 4.0 * MiB);
+}
+
+TEST_CASE("reserve target: random workloads on both kinds of segments keep every invariant") {
+  for (bool expandable : {false, true}) {
+    CAPTURE(expandable);
+    std::shared_ptr<Upstream> up = expandable ? std::static_pointer_cast<Upstream>(fake_expandable())
+                                              : std::make_shared<FakeUpstream>();
+    AllocatorConfig cfg;
+    cfg.pool.max_reserved_ratio = 1.02;
+    cfg.pool.max_cached_bytes = 16 * MiB;
+    CachingAllocator a(up, cfg);
+    random_workload(a, 11 + expandable, 3000, true);
+  }
 }
