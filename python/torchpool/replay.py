@@ -69,10 +69,12 @@ def measure_isolated(records: bytes, name: str, timeline_points: int = 0) -> dic
 
 
 def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timeline_points: int = 0,
-           compiled=None, isolate: bool = True) -> list[dict]:
+           compiled=None, isolate: bool = True, snapshots: bool = False) -> list[dict]:
     """Measure and time `trace` against each allocator in `names` (default: DEFAULT_ALLOCATORS that are
     available).  With timeline_points > 0 each row also has "timeline": [(op, live, reserved)].
-    isolate: measure system allocators (glibc, jemalloc, ...) each in a fresh interpreter."""
+    isolate: measure system allocators (glibc, jemalloc, ...) each in a fresh interpreter.
+    snapshots: also give each row "_extra"["segments_at_peak"], the allocator's segments and blocks at
+    its peak reserved (torchpool modes and the PyTorch emulation; [] where not observable)."""
     ok, _ = available(names)
     rt = compiled or compile_trace(trace)
     kinds = _kinds()
@@ -99,6 +101,9 @@ def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timel
                  "reserved_samples": m["reserved_samples"]}
         if timeline_points:
             extra["timeline"] = m["timeline"]
+        if snapshots:
+            extra["segments_at_peak"] = ([] if kinds[name] == "system"
+                                         else rt.snapshot_at(name, m["peak_reserved_op"]))
         row["_extra"] = extra
         rows.append(row)
     return rows
