@@ -67,3 +67,17 @@ def test_bench_plot_draws_timelines_and_segment_maps(tmp_path):
 
     h, w = matplotlib.image.imread(out).shape[:2]
     assert w > 1.5 * 9 * 90  # the timeline panel and two segment-map panels
+
+
+def test_trace_cost_script_prints_the_three_modes():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_trace_cost.py"
+    r = subprocess.run([sys.executable, str(script), "--workload", "cnn", "--steps", "1", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if ln.split()[:1] in (["none"], ["trace"], ["trace+stacks"])}
+    assert set(rows) == {"none", "trace", "trace+stacks"}, r.stdout
+    with_stack, allocs = rows["trace+stacks"][8].split("/")
+    assert 0 < int(with_stack) <= int(allocs)
+    assert int(rows["trace"][7]) > 0  # events recorded
