@@ -17,3 +17,10 @@ def test_demo_runs_and_reports(tmp_path):
     for needle in ("default (glibc)", "torchpool", "peak RSS", "bit-identical", "utilization",
                    "external fragmentation", "busiest size classes"):
         assert needle in out, needle
+    # The fragmentation step (torchpool.fragmentation_demo): this run's trace replayed, as a table.
+    frag = out.split("== fragmentation of this run's allocations, replayed ==", 1)[1]
+    for needle in ("peak reserved", "utilization", "Mops/s"):
+        assert needle in frag, needle
+    lines = [ln.split() for ln in frag.splitlines() if ln.strip().startswith("demo_run")]
+    assert {ln[1] for ln in lines} >= {"torchpool", "pytorch", "pytorch-expandable", "glibc"}, frag
+    assert (tmp_path / "demo_run.tptrace.gz").exists()

@@ -13,16 +13,11 @@
 //
 // Note [Sampling]
 // ---------------
-// Memory is measured from the allocator's own statistics, never guessed:
-//   glibc     mallinfo2(): arena (heap from brk/sbrk, free chunks included) + hblkhd (mmapped chunks)
-//   jemalloc  mallctl "stats.resident" after an "epoch" refresh: active, metadata and dirty pages
-//   tcmalloc  "generic.heap_size" - "tcmalloc.pageheap_unmapped_bytes" (bytes mapped from the OS)
-//   mimalloc  mi_process_info(): committed bytes
-// minus the same figure read after the allocator released its caches before the run.  These reads
-// cost microseconds, so measure() reads them after every allocation of >= 256 KiB and every 64th
-// operation; peak_reserved is the largest value read, which can miss growth from fewer than 64
-// small operations.  The process's malloc serves other code too (Python), but nothing else runs
-// during a replay (the GIL is released and the replay is single-threaded).
+// How system allocators' memory is measured (resident pages for glibc, the allocator's own
+// statistics for the others, every page of every block written) is Note [Measuring system
+// allocators] in system.cc.  These reads cost microseconds, so measure() reads them after every
+// allocation of >= 256 KiB and every 64th operation; peak_reserved is the largest value read, which
+// can miss growth from fewer than 64 small operations.
 #pragma once
 
 #include <memory>

@@ -37,6 +37,7 @@ __all__ = [
     "record_trace",
     "ConfigError",
     "allocator",
+    "dump_snapshot",
     "empty_cache",
     "format_report",
     "install",
@@ -54,6 +55,7 @@ _LAZY = {
     "CheckpointError": "checkpoint",
     "load_lazily": "lazy",
     "record_trace": "trace",
+    "dump_snapshot": "memviz",
 }
 
 

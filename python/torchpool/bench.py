@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a trace (torchpool, RMM CSV or PyTorch snapshot pickle); repeatable; default: the suite")
     f.add_argument("--allocators", default=None, help="comma-separated names (default: all available)")
     f.add_argument("--json", action="store_true", help="print one JSON list of rows instead of the table")
-    f.add_argument("--plot", default=None, metavar="OUT.png", help="draw live vs reserved bytes over time")
+    f.add_argument("--plot", default=None, metavar="OUT.png", help="draw live vs reserved bytes over time and each allocator's segment map at its peak")
     f.add_argument("--repeats", type=int, default=3, help="timed passes per allocator (fastest counts)")
 
 
@@ -51,15 +51,31 @@ def _reexec_for_jemalloc() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "torchpool", *sys.argv[1:]], env)
 
 
-def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0):
+def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0, snapshots: bool = False):
     from . import replay, trace
 
     ok, skipped = replay.available(names)
     rows = []
     for path in traces:
         t = trace.load(path)
-        rows += replay.replay(t, ok, repeats=repeats, timeline_points=timeline)
+        rows += replay.replay(t, ok, repeats=repeats, timeline_points=timeline, snapshots=snapshots)
     return rows, skipped
+
+
+def format_rows(rows: list[dict], skipped: dict[str, str] | None = None) -> str:
+    """The fragmentation table (one line per trace and allocator), then a line per skipped allocator."""
+    table = []
+    for r in rows:
+        ef = r["external_fragmentation"]
+        table.append([r["trace"], r["allocator"], fmt_bytes(r["peak_live_bytes"]), fmt_bytes(r["peak_reserved_bytes"]),
+                      f"{r['utilization']:.1%}" if r["utilization"] else "-", fmt_bytes(r["internal_waste_bytes"]),
+                      "-" if ef is None else f"{ef:.1%}", "-" if r["upstream_calls"] is None else r["upstream_calls"],
+                      f"{r['ops_per_s'] / 1e6:.2f}"])
+    text = format_table(["trace", "allocator", "peak live", "peak reserved", "utilization", "internal waste",
+                         "ext. frag", "upstream calls", "Mops/s"], table)
+    for n, why in (skipped or {}).items():
+        text += f"\nskipped {n}: {why}"
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -81,24 +97,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"torchpool bench: no traces given and none in {suite_dir()}", file=sys.stderr)
         return 2
     try:
-        rows, skipped = run(traces, names, args.repeats, timeline=400 if args.plot else 0)
+        rows, skipped = run(traces, names, args.repeats, timeline=400 if args.plot else 0,
+                            snapshots=bool(args.plot))
     except ValueError as e:
         print(f"torchpool bench: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([replay.public(r) for r in rows]))
     else:
-        table = []
-        for r in rows:
-            ef = r["external_fragmentation"]
-            table.append([r["trace"], r["allocator"], fmt_bytes(r["peak_live_bytes"]), fmt_bytes(r["peak_reserved_bytes"]),
-                          f"{r['utilization']:.1%}" if r["utilization"] else "-", fmt_bytes(r["internal_waste_bytes"]),
-                          "-" if ef is None else f"{ef:.1%}", "-" if r["upstream_calls"] is None else r["upstream_calls"],
-                          f"{r['ops_per_s'] / 1e6:.2f}"])
-        print(format_table(["trace", "allocator", "peak live", "peak reserved", "utilization", "internal waste",
-                            "ext. frag", "upstream calls", "Mops/s"], table))
-        for n, why in skipped.items():
-            print(f"skipped {n}: {why}")
+        print(format_rows(rows, skipped))
     if args.plot:
         from .plots import plot_timelines
 

@@ -10,6 +10,12 @@ docs/fragmentation.md say exactly what each one is).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 from ._build import _C
 from .trace import Trace
 
@@ -41,15 +47,43 @@ def compile_trace(trace: Trace):
     return _C.ReplayTrace(trace.to_bytes())
 
 
+def _kinds() -> dict[str, str]:
+    return {a["name"]: a["kind"] for a in allocators()}
+
+
+def measure_isolated(records: bytes, name: str, timeline_points: int = 0) -> dict:
+    """rt.measure(name) in a fresh interpreter: system allocators' memory depends on what the process
+    did before (Note [Measuring system allocators] in csrc/replay/system.cc)."""
+    with tempfile.NamedTemporaryFile(prefix="torchpool-replay-", suffix=".bin", delete=False) as f:
+        f.write(records)
+    env = dict(os.environ)
+    env.pop("TORCHPOOL_CONF", None)
+    try:
+        r = subprocess.run([sys.executable, "-m", "torchpool.replay", f.name, name, str(timeline_points)],
+                           capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"torchpool.replay: measuring {name} in a fresh interpreter failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timeline_points: int = 0,
-           compiled=None) -> list[dict]:
+           compiled=None, isolate: bool = True, snapshots: bool = False) -> list[dict]:
     """Measure and time `trace` against each allocator in `names` (default: DEFAULT_ALLOCATORS that are
-    available).  With timeline_points > 0 each row also has "timeline": [(op, live, reserved)]."""
+    available).  With timeline_points > 0 each row also has "timeline": [(op, live, reserved)].
+    isolate: measure system allocators (glibc, jemalloc, ...) each in a fresh interpreter.
+    snapshots: also give each row "_extra"["segments_at_peak"], the allocator's segments and blocks at
+    its peak reserved (torchpool modes and the PyTorch emulation; [] where not observable)."""
     ok, _ = available(names)
     rt = compiled or compile_trace(trace)
+    kinds = _kinds()
     rows = []
     for name in ok:
-        m = rt.measure(name, timeline_points=timeline_points)
+        if isolate and kinds[name] == "system":
+            m = measure_isolated(trace.to_bytes(), name, timeline_points)
+        else:
+            m = rt.measure(name, timeline_points=timeline_points)
         seconds = rt.time(name, repeats=repeats)
         ops = m["allocs"] + m["frees"]
         row = {
@@ -67,6 +101,9 @@ def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timel
                  "reserved_samples": m["reserved_samples"]}
         if timeline_points:
             extra["timeline"] = m["timeline"]
+        if snapshots:
+            extra["segments_at_peak"] = ([] if kinds[name] == "system"
+                                         else rt.snapshot_at(name, m["peak_reserved_op"]))
         row["_extra"] = extra
         rows.append(row)
     return rows
@@ -75,3 +112,17 @@ def replay(trace: Trace, names: list[str] | None = None, repeats: int = 3, timel
 def public(row: dict) -> dict:
     """The row as --json prints it (the documented keys only)."""
     return {k: row.get(k) for k in ROW_KEYS}
+
+
+def _child(argv: list[str]) -> int:
+    path, name, points = argv
+    with open(path, "rb") as f:
+        rt = _C.ReplayTrace(f.read())
+    m = rt.measure(name, timeline_points=int(points))
+    m["timeline"] = [list(x) for x in m["timeline"]]
+    print(json.dumps(m))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
