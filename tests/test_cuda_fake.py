@@ -82,7 +82,7 @@ def test_streams_reuse_only_after_the_event_completes(python_subprocess, fake_dr
 def test_out_of_memory_then_retry_after_empty_cache(python_subprocess, fake_driver):
     out = run(python_subprocess, fake_driver, """
         fake.fake_cuda_set_capacity(64 * MiB)
-        tc.configure(max_cached_mb=1024)
+        tc.configure(max_cached_mb=1024, max_reserved_ratio=0)  # no reserve target: the retry must free
         a = tc.CudaAllocator(0)
         a.free(a.allocate(40 * MiB))
         p = a.allocate(50 * MiB)          # 40 cached + 50 > 64: the retry frees the cache first

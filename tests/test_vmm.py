@@ -29,17 +29,24 @@ def drift(alloc, sizes_mb):
 
 def test_growing_sizes_reuse_the_free_tail_instead_of_new_segments():
     sizes = list(range(10, 42, 2))  # 10, 12, ..., 40 MiB
+    nolimit = torchpool.Allocator("host", huge_pages=False, max_reserved_ratio=0)
     plain = torchpool.Allocator("host", huge_pages=False)
-    vmm = torchpool.Allocator("host_vmm", reserve_bytes=1 << 30)
+    vmm = torchpool.Allocator("host_vmm", reserve_bytes=1 << 30, max_reserved_ratio=0)
+    peak_nolimit = drift(nolimit, sizes)
     peak_plain = drift(plain, sizes)
     peak_vmm = drift(vmm, sizes)
-    assert vmm.check() == "" and plain.check() == ""
-    # host keeps every earlier segment cached (none fits the next, larger request): the sum;
-    # host_vmm grows the one segment's free tail: the largest request plus the small segment.
-    assert peak_plain == sum(sizes) * MiB + 2 * MiB
+    assert vmm.check() == "" and plain.check() == "" and nolimit.check() == ""
+    # With no reserve target, host keeps every earlier segment cached (none fits the next, larger
+    # request): the sum.  With the default target (Note [Reserve target]) the free segments are
+    # returned before each larger one is mapped: the largest request plus the small segment.
+    assert peak_nolimit == sum(sizes) * MiB + 2 * MiB
+    assert peak_plain == max(sizes) * MiB + 2 * MiB
+    assert plain.stats()["num_target_releases"] == len(sizes) - 1
+    # host_vmm grows the one segment's free tail even with no target: the same peak, with no unmaps.
     assert peak_vmm == max(sizes) * MiB + 2 * MiB
     s = vmm.stats()
-    assert s["num_chunk_maps"] == len(sizes) and s["segment.all.peak"] == 2
+    # one run of chunks per larger request, plus the chunk of the small (size-class) expandable segment
+    assert s["num_chunk_maps"] == len(sizes) + 1 and s["num_chunk_unmaps"] == 0 and s["segment.all.peak"] == 2
     assert vmm.empty_cache() == (max(sizes) + 2) * MiB
     assert vmm.stats()["reserved_bytes.all.current"] == 0
 

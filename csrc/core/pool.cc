@@ -450,7 +450,9 @@ size_t Pool::release_free_chunks(Block* b) {
 size_t Pool::make_room(size_t need, size_t incoming) {
   if (config_.max_reserved_ratio <= 0) return 0;
   const auto high = std::max<int64_t>(allocated_high_water_, stats_.allocated_bytes.current + static_cast<int64_t>(incoming));
-  const double target = config_.max_reserved_ratio * static_cast<double>(high);
+  // A floor of a few chunks: a small program gains nothing from returning its last segments.
+  const double floor = static_cast<double>(high) + 2.0 * static_cast<double>(std::max(upstream_.granularity(), config_.small_segment_bytes));
+  const double target = std::max(config_.max_reserved_ratio * static_cast<double>(high), floor);
   const double have = static_cast<double>(stats_.reserved_bytes.current) + static_cast<double>(need);
   if (have <= target) return 0;
   stats_.num_target_releases++;

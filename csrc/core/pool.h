@@ -65,8 +65,9 @@
 // for sizes the program no longer asks for: replayed traces of variable-shape training and inference
 // showed 37–62 % utilization (peak allocated / peak reserved) with no limit, as PyTorch's policy
 // shows 62–68 %.  A fixed max_cached_bytes does not scale with the program.  Approach: with
-// max_reserved_ratio = r > 0, before the pool maps new memory it checks reserved + new <= r ×
-// max(high-water of allocated bytes, allocated + the request); when the check fails it first returns
+// max_reserved_ratio = r > 0, before the pool maps new memory it checks reserved + new <= target,
+// target = max(r × H, H + 2 segments of 2 MiB), H = max(high-water of allocated bytes, allocated +
+// the request) (the floor spares small programs pointless returns); when the check fails it first returns
 // free memory (parked class blocks merged, entirely free segments largest first, free chunks of
 // expandable segments) until the check passes or nothing free is left, then maps.  The target is
 // relative to the high-water, not to what is allocated now, so a program that repeats its peak every
@@ -145,7 +146,7 @@ struct PoolConfig {
   size_t min_split_bytes = 4096;            // a large block is split only if the rest is at least this
   size_t max_split_bytes = SIZE_MAX;        // free blocks above this are never split (PyTorch's max_split_size)
   size_t max_cached_bytes = SIZE_MAX;       // Note [Release policy]
-  double max_reserved_ratio = 0;            // Note [Reserve target]: 0 = no target, else >= 1
+  double max_reserved_ratio = 1.05;         // Note [Reserve target]: 0 = no target, else >= 1
 };
 
 // Called when the pool maps or unmaps a segment (tracing); may be empty.

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -132,22 +131,19 @@ const std::vector<TorchpoolMode>& torchpool_modes() {
   static const std::vector<TorchpoolMode> modes = [] {
     std::vector<TorchpoolMode> m;
     PoolConfig def;
-    m.push_back({"torchpool", "torchpool defaults: size classes up to 1 MiB, best fit above, 2 MiB segments", def, 2u << 20});
+    m.push_back({"torchpool", "torchpool defaults: size classes up to 1 MiB, best fit above, 2 MiB segments, reserve target 1.05",
+                 def, 2u << 20});
+    m.push_back({"torchpool-expandable", "torchpool defaults on expandable segments (2 MiB chunks, holes unmapped)", def,
+                 2u << 20, size_t{1} << 40});
+    PoolConfig nolimit = def;
+    nolimit.max_reserved_ratio = 0;
+    m.push_back({"torchpool-nolimit", "torchpool with max_reserved_ratio=0: keeps every segment it mapped", nolimit, 2u << 20});
     PoolConfig bestfit = def;
     bestfit.size_classes = false;
     m.push_back({"torchpool-bestfit", "torchpool with size_classes=false: best fit for every size", bestfit, 2u << 20});
     PoolConfig cuda = def;
     cuda.alignment = 512;
     m.push_back({"torchpool-align512", "torchpool with PyTorch's 512 B alignment of CUDA blocks", cuda, 2u << 20});
-    for (double r : {0.0, 1.02, 1.05, 1.1, 1.2}) {
-      PoolConfig t = def;
-      t.max_reserved_ratio = r;
-      char name[64];
-      std::snprintf(name, sizeof name, "tp-r%.2f", r);
-      m.push_back({name, "experiment", t, 2u << 20});
-      std::snprintf(name, sizeof name, "tp-exp-r%.2f", r);
-      m.push_back({name, "experiment", t, 2u << 20, size_t{1} << 40});
-    }
     return m;
   }();
   return modes;

@@ -15,7 +15,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "max_bytes": (int, "limit on reserved bytes; above it allocation raises torch.OutOfMemoryError (0: none)"),
     "max_cached_bytes": (int, "cached (reserved - allocated) bytes kept before free segments are returned"),
     "max_reserved_ratio": (float, "before mapping more, return free memory so that reserved <= ratio x the high-water of "
-                                  "allocated bytes (0: never; Note [Reserve target])"),
+                                  "allocated bytes (default 1.05; 0: never; Note [Reserve target])"),
     "arenas": (int, "independent arenas for size-class requests (threads pick one round-robin)"),
     "huge_pages": (bool, "madvise(MADV_HUGEPAGE) on segments of 2 MiB and more (host upstream)"),
     "populate": (bool, "fault pages in when a segment is mapped (host upstream)"),

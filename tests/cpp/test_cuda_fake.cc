@@ -62,7 +62,7 @@ Fake& fake() {
   return f;
 }
 
-std::unique_ptr<CachingAllocator> device_allocator(bool vmm, size_t reservation = 256 * MiB) {
+std::unique_ptr<CachingAllocator> device_allocator(bool vmm, size_t reservation = 256 * MiB, double reserved_ratio = 1.05) {
   CudaDriver& d = driver();
   std::shared_ptr<Upstream> up;
   if (vmm) up = std::make_shared<CudaVmmUpstream>(d, 0, reservation);
@@ -70,6 +70,7 @@ std::unique_ptr<CachingAllocator> device_allocator(bool vmm, size_t reservation 
   AllocatorConfig cfg;
   cfg.device = 0;
   cfg.device_name = "cuda:0";
+  cfg.pool.max_reserved_ratio = reserved_ratio;
   return std::make_unique<CachingAllocator>(up, cfg, std::make_shared<CudaStreamEvents>(d, 0));
 }
 }  // namespace
@@ -115,7 +116,7 @@ TEST_CASE("cuda fake: a block recorded on another stream is reused only after th
 TEST_CASE("cuda fake: out of memory, then the retry after empty_cache succeeds; the OOM names the device") {
   Fake& f = fake();
   f.set_capacity(64 * MiB);
-  auto a = device_allocator(false);
+  auto a = device_allocator(false, 256 * MiB, /*reserved_ratio=*/0);  // no reserve target: the retry must do it
   a->free(a->allocate(40 * MiB));
   void* p = a->allocate(50 * MiB);  // 40 cached + 50 > 64: the retry releases the cache
   CHECK(a->stats().num_alloc_retries == 1);
