@@ -59,7 +59,7 @@ def test_every_dtype_matches_safetensors(every_dtype_file):
         for name in ref:
             _same_bytes(ck[name], ref[name])
             _same_bytes(ref[name], tensors[name])
-        for mode in ("mmap", "read"):
+        for mode in ("mmap", "read", "direct"):
             got = ck.load(mode=mode)
             assert ck.stats()["last_load_path"] == mode
             for name in ref:
@@ -183,6 +183,48 @@ def test_load_dtype_and_names(tmp_path):
         assert torch.equal(got["b"], sd["b"].double())
         with pytest.raises(KeyError):
             ck.load(["nope"])
+
+
+def _evict(path) -> bool:
+    """Drops the file's clean pages from the page cache; False where the filesystem keeps them (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    with torchpool.open_checkpoint(path) as ck:
+        return ck.resident_fraction() < 0.5
+
+
+def test_cold_cpu_paths(tmp_path):
+    # Note [Cold mapping]: a cold CPU load maps (reads ahead, then populates) by default; the staged
+    # pipeline and the direct pread stay available and give the same bytes.
+    sd = {f"t{i}": torch.randn(300_000 + i) for i in range(5)}  # 1.2 MB each, several 64 KiB pieces
+    sd["z"] = torch.empty(0)
+    path = write_file(tmp_path / "cold.safetensors", sd)
+    total = sum(v.nbytes for v in sd.values())
+    for cold_path in ("mmap", "read", "direct"):
+        if not _evict(path):
+            pytest.skip("the page cache of this filesystem cannot be dropped")
+        with torchpool.open_checkpoint(path, cold_cpu_path=cold_path, chunk_bytes=64 << 10, readers=3) as ck:
+            assert ck.resident_fraction() < 0.9
+            got = ck.load()
+            st = ck.stats()
+            assert st["last_load_path"] == cold_path
+            for k, v in sd.items():
+                _same_bytes(got[k], v)
+            if cold_path == "mmap":
+                assert st["bytes_read"] == 0 and st["staging"] is None and st["mapped_view_bytes"] == total
+                assert ck.resident_fraction() == 1.0  # resident when load returns
+            elif cold_path == "read":
+                assert st["bytes_read"] == total and st["staging"]["bytes_staged"] == total
+            else:
+                assert st["bytes_read"] == total and st["staging"] is None
+        del got  # mapped views keep their pages in the page cache
+        gc.collect()
+    with pytest.raises(ValueError, match="cold_cpu_path"):
+        torchpool.open_checkpoint(path, cold_cpu_path="nope")
 
 
 def test_staging_pipeline_stats_and_reuse(tmp_path):
