@@ -245,6 +245,24 @@ def test_staging_pipeline_stats_and_reuse(tmp_path):
         assert st2["buffers"] <= 4 and st2["reuses"] >= st["reuses"] + st2["chunks"] - st["chunks"] - (4 - st["buffers"])
 
 
+def test_staging_buffers_are_made_when_needed(tmp_path):
+    # buffers are mapped lazily, by the reader that needs one: a one-chunk load maps one buffer, a
+    # larger load grows the pool up to its cap and later loads reuse what is there
+    sd = {"small": torch.arange(1000, dtype=torch.int32), "big": torch.randn(200_000)}  # 4 KB, 800 KB
+    path = write_file(tmp_path / "g.safetensors", sd)
+    with torchpool.open_checkpoint(path, staging_bytes=256 << 10, chunk_bytes=64 << 10, readers=4) as ck:
+        assert ck.stats()["staging"] is None
+        assert torch.equal(ck.load(["small"], mode="read")["small"], sd["small"])
+        st = ck.stats()["staging"]
+        assert st["buffers"] == 1 and st["chunks"] == 1 and st["reuses"] == 0 and st["bytes_staged"] == 4000
+        assert torch.equal(ck.load(["big"], mode="read")["big"], sd["big"])
+        st = ck.stats()["staging"]
+        assert 1 <= st["buffers"] <= st["max_buffers"] == 4 and st["buffer_bytes"] == st["buffers"] * (64 << 10)
+        assert st["chunks"] == 1 + -(-800_000 // (64 << 10)) and st["reuses"] == st["chunks"] - st["buffers"]
+        assert st["bytes_staged"] == 804_000 == ck.stats()["bytes_read"]
+        assert st["mapped_bytes"] == st["buffer_bytes"]
+
+
 def test_staged_consumer_path(tmp_path):
     # the path a device copy takes: a consumer receives each staged chunk
     sd = {"a": torch.randn(100_000), "b": torch.arange(7, dtype=torch.int16), "z": torch.empty(0)}
