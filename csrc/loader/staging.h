@@ -16,8 +16,9 @@
 // (memcpy into the destination tensor for device="cpu", an H2D copy elsewhere), then returns the
 // buffer.  So the disk reads chunk i+1..i+n while chunk i is copied, and the memory in flight is
 // bounded by staging_bytes whatever the checkpoint size.  Limitation: on the CPU the extra memcpy
-// costs ~1 s per 10 GB, which is hidden behind the disk when cold; warm CPU loads do not use this
-// path at all (Note [Choosing the read path] in python/torchpool/checkpoint.py).
+// costs ~1 s per 10 GB; CPU loads take this path only when asked (mode="read", or
+// cold_cpu_path="read"), which is how it is tested without a device (Note [Choosing the read path]
+// in python/torchpool/checkpoint.py).
 #pragma once
 
 #include <condition_variable>
