@@ -59,7 +59,7 @@ def test_every_dtype_matches_safetensors(every_dtype_file):
         for name in ref:
             _same_bytes(ck[name], ref[name])
             _same_bytes(ref[name], tensors[name])
-        for mode in ("mmap", "read"):
+        for mode in ("mmap", "read", "direct"):
             got = ck.load(mode=mode)
             assert ck.stats()["last_load_path"] == mode
             for name in ref:
@@ -185,6 +185,48 @@ def test_load_dtype_and_names(tmp_path):
             ck.load(["nope"])
 
 
+def _evict(path) -> bool:
+    """Drops the file's clean pages from the page cache; False where the filesystem keeps them (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    with torchpool.open_checkpoint(path) as ck:
+        return ck.resident_fraction() < 0.5
+
+
+def test_cold_cpu_paths(tmp_path):
+    # Note [Cold mapping]: a cold CPU load maps (reads ahead, then populates) by default; the staged
+    # pipeline and the direct pread stay available and give the same bytes.
+    sd = {f"t{i}": torch.randn(300_000 + i) for i in range(5)}  # 1.2 MB each, several 64 KiB pieces
+    sd["z"] = torch.empty(0)
+    path = write_file(tmp_path / "cold.safetensors", sd)
+    total = sum(v.nbytes for v in sd.values())
+    for cold_path in ("mmap", "read", "direct"):
+        if not _evict(path):
+            pytest.skip("the page cache of this filesystem cannot be dropped")
+        with torchpool.open_checkpoint(path, cold_cpu_path=cold_path, chunk_bytes=64 << 10, readers=3) as ck:
+            assert ck.resident_fraction() < 0.9
+            got = ck.load()
+            st = ck.stats()
+            assert st["last_load_path"] == cold_path
+            for k, v in sd.items():
+                _same_bytes(got[k], v)
+            if cold_path == "mmap":
+                assert st["bytes_read"] == 0 and st["staging"] is None and st["mapped_view_bytes"] == total
+                assert ck.resident_fraction() == 1.0  # resident when load returns
+            elif cold_path == "read":
+                assert st["bytes_read"] == total and st["staging"]["bytes_staged"] == total
+            else:
+                assert st["bytes_read"] == total and st["staging"] is None
+        del got  # mapped views keep their pages in the page cache
+        gc.collect()
+    with pytest.raises(ValueError, match="cold_cpu_path"):
+        torchpool.open_checkpoint(path, cold_cpu_path="nope")
+
+
 def test_staging_pipeline_stats_and_reuse(tmp_path):
     # more data than the staging pool: buffers must be reused, never allocated per tensor
     sd = {f"t{i}": torch.full((70_000,), float(i)) for i in range(12)}  # 280 KB each
@@ -201,6 +243,24 @@ def test_staging_pipeline_stats_and_reuse(tmp_path):
         st2 = ck.stats()["staging"]
         # a second load reuses the buffers: new ones only up to the cap (when the first load needed fewer)
         assert st2["buffers"] <= 4 and st2["reuses"] >= st["reuses"] + st2["chunks"] - st["chunks"] - (4 - st["buffers"])
+
+
+def test_staging_buffers_are_made_when_needed(tmp_path):
+    # buffers are mapped lazily, by the reader that needs one: a one-chunk load maps one buffer, a
+    # larger load grows the pool up to its cap and later loads reuse what is there
+    sd = {"small": torch.arange(1000, dtype=torch.int32), "big": torch.randn(200_000)}  # 4 KB, 800 KB
+    path = write_file(tmp_path / "g.safetensors", sd)
+    with torchpool.open_checkpoint(path, staging_bytes=256 << 10, chunk_bytes=64 << 10, readers=4) as ck:
+        assert ck.stats()["staging"] is None
+        assert torch.equal(ck.load(["small"], mode="read")["small"], sd["small"])
+        st = ck.stats()["staging"]
+        assert st["buffers"] == 1 and st["chunks"] == 1 and st["reuses"] == 0 and st["bytes_staged"] == 4000
+        assert torch.equal(ck.load(["big"], mode="read")["big"], sd["big"])
+        st = ck.stats()["staging"]
+        assert 1 <= st["buffers"] <= st["max_buffers"] == 4 and st["buffer_bytes"] == st["buffers"] * (64 << 10)
+        assert st["chunks"] == 1 + -(-800_000 // (64 << 10)) and st["reuses"] == st["chunks"] - st["buffers"]
+        assert st["bytes_staged"] == 804_000 == ck.stats()["bytes_read"]
+        assert st["mapped_bytes"] == st["buffer_bytes"]
 
 
 def test_staged_consumer_path(tmp_path):

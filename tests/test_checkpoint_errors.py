@@ -131,6 +131,13 @@ def test_shard_truncated_after_open_reads_short(tmp_path):
         assert ei.value.rule == "read-short" and ei.value.tensor == "b"
         with pytest.raises(torchpool.CheckpointError, match="read-short"):
             ck.get_slice("b")[10:]
+        with pytest.raises(torchpool.CheckpointError) as ei:
+            ck.load(mode="direct")
+        assert ei.value.rule == "read-short" and ei.value.tensor == "b"
+        # the mapping path populates with MADV_POPULATE_READ: an error naming the tensor, not SIGBUS
+        with pytest.raises(torchpool.CheckpointError) as ei:
+            ck.load(["b"], mode="mmap")
+        assert ei.value.rule == "read-short" and ei.value.tensor == "b" and "offsets" in str(ei.value)
 
 
 def test_index_errors(tmp_path):

@@ -153,6 +153,22 @@ TORCHPOOL_BINDINGS(30, loader) {
     return total;
   }, py::arg("items"), py::arg("threads") = 8);
 
+  m.def("read_direct", [](const py::list& ops_in, unsigned threads, size_t chunk_bytes) {
+    // ops: [(shard, file_offset, nbytes, dst_address, tensor_name)], each pread straight into its
+    // destination by `threads` threads in chunks (no staging buffer, no copy).
+    std::vector<PyOp> in = parse_ops(ops_in);
+    std::vector<ReadOp> ops = to_ops(in);
+    py::gil_scoped_release nogil;
+    parallel_pread(ops, threads, chunk_bytes == 0 ? (8u << 20) : chunk_bytes);
+  }, py::arg("ops"), py::arg("threads") = 8, py::arg("chunk_bytes") = 8u << 20);
+  m.def("populate", [](const py::list& ops_in, unsigned threads, bool prefetch, size_t chunk_bytes) {
+    // ops: [(shard, file_offset, nbytes, 0, tensor_name)]: Note [Cold mapping] in csrc/loader/shard.h.
+    std::vector<PyOp> in = parse_ops(ops_in);
+    std::vector<ReadOp> ops = to_ops(in);
+    py::gil_scoped_release nogil;
+    populate_ranges(ops, threads, prefetch, chunk_bytes == 0 ? (8u << 20) : chunk_bytes);
+  }, py::arg("ops"), py::arg("threads") = 8, py::arg("prefetch") = true, py::arg("chunk_bytes") = 8u << 20);
+
   py::class_<ShardFile, std::shared_ptr<ShardFile>>(m, "Shard", py::buffer_protocol(), R"doc(
 One safetensors file, validated and mapped privately (Note [Mapping protection] in csrc/loader/shard.h).
 The buffer protocol exposes the whole mapping; memoryviews and tensors over it keep it alive.)doc")

@@ -88,32 +88,74 @@ void ShardFile::drop_mapped(uint64_t offset, uint64_t len) const {
 }
 
 void ShardFile::populate(uint64_t offset, uint64_t len, unsigned threads) const {
-  if (len == 0) return;
+  static const std::string kNone;
+  std::vector<ReadOp> ops{{this, offset, len, nullptr, &kNone}};
+  populate_ranges(ops, threads, /*prefetch=*/true);
+}
+
+void populate_ranges(const std::vector<ReadOp>& ops, unsigned threads, bool prefetch, size_t chunk_bytes) {
+  // Note [Cold mapping]
+  struct Piece {
+    const ReadOp* op;
+    uint64_t begin, end;  // absolute file offsets, begin page-aligned
+  };
   const size_t ps = page_size();
-  const uint64_t a = offset / ps * ps;
-  const uint64_t b = std::min<uint64_t>(offset + len, header_.file_size);
-  if (b <= a) return;
-  constexpr uint64_t kPiece = 8u << 20;
-  const uint64_t pieces = (b - a + kPiece - 1) / kPiece;
-  std::atomic<uint64_t> next{0};
+  if (chunk_bytes < ps) chunk_bytes = ps;
+  std::vector<Piece> pieces;
+  for (const ReadOp& op : ops) {
+    if (op.len == 0) continue;
+    const uint64_t a = op.offset / ps * ps;
+    const uint64_t b = std::min<uint64_t>(op.offset + op.len, op.file->map_len());
+    for (uint64_t s = a; s < b; s += chunk_bytes) pieces.push_back({&op, s, std::min<uint64_t>(b, s + chunk_bytes)});
+  }
+  if (pieces.empty()) return;
+  std::atomic<size_t> next_prefetch{prefetch ? 0 : pieces.size()}, next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mu;
   auto work = [&] {
-    for (;;) {
-      const uint64_t i = next.fetch_add(1);
-      if (i >= pieces) return;
-      const uint64_t s = a + i * kPiece, e = std::min<uint64_t>(b, s + kPiece);
+    static const std::string kNone;
+    for (;;) {  // phase 1: queue every read
+      const size_t i = next_prefetch.fetch_add(1);
+      if (i >= pieces.size()) break;
+      const Piece& p = pieces[i];
+      ::posix_fadvise(p.op->file->fd(), static_cast<off_t>(p.begin), static_cast<off_t>(p.end - p.begin), POSIX_FADV_WILLNEED);
+    }
+    for (;;) {  // phase 2: map the pieces as they arrive
+      if (failed.load(std::memory_order_relaxed)) return;
+      const size_t i = next.fetch_add(1);
+      if (i >= pieces.size()) return;
+      const Piece& p = pieces[i];
+      uint8_t* base = p.op->file->map_base();
+      bool done = false;
 #ifdef MADV_POPULATE_READ
-      if (::madvise(base_ + s, e - s, MADV_POPULATE_READ) == 0) continue;
+      if (::madvise(base + p.begin, p.end - p.begin, MADV_POPULATE_READ) == 0) {
+        done = true;
+      } else if (errno != EINVAL) {  // EINVAL: a kernel without it; EFAULT/EIO: the file is short or unreadable
+        const int e = errno;
+        std::lock_guard<std::mutex> g(mu);
+        if (!error)
+          error = std::make_exception_ptr(CheckpointError(
+              p.op->file->path(), p.op->tensor ? *p.op->tensor : kNone, e == EFAULT ? kRuleReadShort : kRuleIo,
+              "mapping file offsets [" + std::to_string(p.begin) + ", " + std::to_string(p.end) + "): " + std::strerror(e) +
+                  (e == EFAULT ? " (the file shrank after it was opened?)" : "")));
+        failed = true;
+        return;
+      }
 #endif
-      volatile uint8_t sink = 0;
-      for (uint64_t o = s; o < e; o += ps) sink = sink + base_[o];
-      (void)sink;
+      if (!done) {
+        volatile uint8_t sink = 0;
+        for (uint64_t o = p.begin; o < p.end; o += ps) sink = sink + base[o];
+        (void)sink;
+      }
     }
   };
-  threads = static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(threads, pieces)));
+  threads = static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>(threads, pieces.size())));
   std::vector<std::thread> pool;
   for (unsigned t = 1; t < threads; ++t) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
 }
 
 void ShardFile::pread_exact(uint8_t* dst, uint64_t len, uint64_t offset, const std::string& tensor) const {

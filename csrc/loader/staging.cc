@@ -26,31 +26,48 @@ void StagingPool::release_buffers() {
   for (auto& b : all_) upstream_->unmap(b->ptr, chunk_bytes_, 0);
   all_.clear();
   free_.clear();
+  map_refused_ = false;
 }
 
 StagingPool::Buffer* StagingPool::acquire(const std::atomic<bool>& abort) {
+  // Buffers are mapped outside the lock, by the reader that needs one: the first readers of a run
+  // map (populate + mlock) their buffers in parallel, and a reader whose buffer is ready starts
+  // reading without waiting for the others' (Note [Staging overlap]).
   std::unique_lock<std::mutex> g(mu_);
-  if (free_.empty() && all_.size() < max_buffers_) {
-    void* p = upstream_->map(chunk_bytes_, 0);
-    if (p == nullptr) {
-      if (all_.empty()) return nullptr;  // not even one buffer
-    } else {
-      all_.push_back(std::make_unique<Buffer>(Buffer{static_cast<uint8_t*>(p)}));
-      free_.push_back(all_.back().get());
-      stats_.buffers++;
-      stats_.buffer_bytes += chunk_bytes_;
+  for (;;) {
+    if (!free_.empty()) {
+      Buffer* b = free_.back();
+      free_.pop_back();
+      if (b->used) stats_.reuses++;
+      b->used = true;
+      return b;
     }
-  }
-  if (free_.empty()) {
+    if (!map_refused_ && all_.size() + mapping_ < max_buffers_) {
+      mapping_++;
+      g.unlock();
+      void* p = upstream_->map(chunk_bytes_, 0);
+      g.lock();
+      mapping_--;
+      if (p != nullptr) {
+        all_.push_back(std::make_unique<Buffer>(Buffer{static_cast<uint8_t*>(p)}));
+        stats_.buffers++;
+        stats_.buffer_bytes += chunk_bytes_;
+        Buffer* b = all_.back().get();
+        b->used = true;
+        return b;
+      }
+      map_refused_ = true;  // the upstream is out: make do with the buffers there are
+      cv_.notify_all();
+      continue;
+    }
+    if (map_refused_ && all_.empty() && mapping_ == 0) return nullptr;  // not even one buffer
     stats_.waits++;
-    cv_.wait(g, [&] { return !free_.empty() || abort.load(); });
-    if (free_.empty()) return nullptr;
+    cv_.wait(g, [&] {
+      return !free_.empty() || abort.load() || (map_refused_ && all_.empty() && mapping_ == 0) ||
+             (!map_refused_ && all_.size() + mapping_ < max_buffers_);
+    });
+    if (free_.empty() && abort.load()) return nullptr;
   }
-  Buffer* b = free_.back();
-  free_.pop_back();
-  if (b->used) stats_.reuses++;
-  b->used = true;
-  return b;
 }
 
 void StagingPool::give(Buffer* b) {

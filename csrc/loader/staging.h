@@ -8,14 +8,17 @@
 // source memory; file-mapping pages must never be pinned (the kernel would copy them).  Approach:
 // the pool owns at most staging_bytes / chunk_bytes buffers, taken from an Upstream (host_pinned
 // here, cuMemHostAlloc on CUDA machines) the first time they are needed and reused for every later
-// chunk and call; nothing is allocated per tensor.  run() starts `readers` threads; each takes the
+// chunk and call; nothing is allocated per tensor.  A reader that needs a buffer and finds none free
+// maps one itself, outside the pool's lock, so a first load does not wait for all of them to be
+// populated and locked one after another (measured: 30 ms of a 131 MB cold first tensor).  run() starts `readers` threads; each takes the
 // next chunk of the work list, waits for a free buffer (counted in `waits`), preads into it and
 // queues it; the calling thread takes filled buffers off the queue and hands each to the consumer
 // (memcpy into the destination tensor for device="cpu", an H2D copy elsewhere), then returns the
 // buffer.  So the disk reads chunk i+1..i+n while chunk i is copied, and the memory in flight is
 // bounded by staging_bytes whatever the checkpoint size.  Limitation: on the CPU the extra memcpy
-// costs ~1 s per 10 GB, which is hidden behind the disk when cold; warm CPU loads do not use this
-// path at all (Note [Choosing the read path] in python/torchpool/checkpoint.py).
+// costs ~1 s per 10 GB; CPU loads take this path only when asked (mode="read", or
+// cold_cpu_path="read"), which is how it is tested without a device (Note [Choosing the read path]
+// in python/torchpool/checkpoint.py).
 #pragma once
 
 #include <condition_variable>
@@ -89,6 +92,8 @@ class StagingPool {
   std::condition_variable cv_;
   std::vector<std::unique_ptr<Buffer>> all_;
   std::vector<Buffer*> free_;
+  size_t mapping_ = 0;         // buffers being mapped right now (outside mu_)
+  bool map_refused_ = false;   // the upstream refused a buffer: no more until release_buffers()
   StagingStats stats_;
 };
 

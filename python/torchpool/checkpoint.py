@@ -14,19 +14,23 @@ Note [Choosing the read path]
 -----------------------------
 Rationale: measured here, a cold checkpoint comes in at 1.68 GB/s with 8 parallel ``pread``s but
 0.52 GB/s by touching a mapping and 0.63 GB/s with one sequential ``read``; a warm one is mapped at
-15.5 GB/s while a copy runs at 9-10 GB/s.  So cold data wants several readers into owned memory, and
-warm data wants no copy at all.  Approach: ``load(mode="auto")`` asks the kernel (``mincore`` on the
-mapping) how much of the requested bytes is already in the page cache.  At least 90 % resident:
-"mmap", the tensors are zero-copy views of the mapping; when some pages are missing, they are read
-in with ``MADV_POPULATE_READ`` by 8 threads so that everything is in the page cache when ``load``
-returns (fully cached data is left alone: its page-table entries are filled on first touch, at the
-15 GB/s of the mapping, which is what the safetensors package costs too).  Otherwise:
-"read", 8 reader threads ``pread`` 8 MiB chunks into the staging pool's buffers and the calling
-thread copies each into the destination tensor while the next chunks are read (Note [Staging
-overlap] in csrc/loader/staging.h).  A device other than the CPU always takes the staged path (pages
-of the file mapping are never pinned or registered).  ``mode="mmap"`` / ``"read"`` force a path; the
-path taken is in ``ck.stats()["last_load_path"]``.  Limitation: residency is sampled once per call,
-so a load that races with heavy eviction may pick the slower path; both paths are correct.
+15.5 GB/s while a copy runs at 9-10 GB/s.  And on these 2 shared cores a cold load into owned memory
+is bound by the CPU, not the disk: every 4 KiB page of fresh anonymous memory is faulted and zeroed
+(0.43-0.58 s per GB), while page-cache pages are filled by the disk and only need page-table entries
+(Note [Cold mapping] in csrc/loader/shard.h).  Approach: ``load(mode="auto")`` on the CPU takes
+"mmap" whatever the residency: the tensors are zero-copy views of the mapping; the reader threads
+first queue large asynchronous reads of what is missing (``posix_fadvise(WILLNEED)``, skipped when
+``mincore`` says everything is cached), then fault every piece into the mapping
+(``MADV_POPULATE_READ``), so everything is resident when ``load`` returns (2 GB cold: 1.0-1.1 s,
+against 1.3-2.1 s for "direct" and 1.4-2.7 s for "read").  ``Checkpoint(cold_cpu_path=...)`` picks
+another path for loads that are less than 90 % cached.  "read": 8 reader threads ``pread`` 8 MiB
+chunks into the staging pool's buffers and each chunk is copied into an owned destination tensor
+(Note [Staging overlap] in csrc/loader/staging.h): the path a device other than the CPU always takes
+(pages of the file mapping are never pinned or registered), kept tested on the CPU through
+``mode="read"``.  "direct": the reader threads ``pread`` straight into owned destination tensors (no
+staging buffer, no copy).  ``mode="mmap"`` / ``"read"`` / ``"direct"`` force a path; the path taken
+is in ``ck.stats()["last_load_path"]``.  Limitation: residency is sampled once per call, so a load
+that races with heavy eviction may skip the read-ahead; the populate still reads what is missing.
 
 Note [Writes to mapped tensors]
 -------------------------------
@@ -105,10 +109,13 @@ class Checkpoint:
     """An open checkpoint: one or more validated, mapped safetensors shards. See the module doc."""
 
     def __init__(self, path, *, staging_bytes: int = 64 << 20, chunk_bytes: int = 8 << 20, readers: int = 8,
-                 staging_upstream: str = "host_pinned"):
+                 staging_upstream: str = "host_pinned", cold_cpu_path: str = "mmap"):
         self.path = Path(path)
         self._staging_args = (int(staging_bytes), int(chunk_bytes), staging_upstream)
         self.readers = int(readers)
+        if cold_cpu_path not in ("mmap", "read", "direct"):
+            raise ValueError(f"cold_cpu_path must be 'mmap', 'read' or 'direct', not {cold_cpu_path!r}")
+        self.cold_cpu_path = cold_cpu_path
         self._staging = None
         self._views: dict[int, memoryview] = {}
         self._last_path = None
@@ -287,13 +294,13 @@ class Checkpoint:
         for i in infos:
             self._torch_dtype(i)
         device = torch.device(device)
-        if mode not in ("auto", "mmap", "read"):
-            raise ValueError(f"mode must be 'auto', 'mmap' or 'read', not {mode!r}")
+        if mode not in ("auto", "mmap", "read", "direct"):
+            raise ValueError(f"mode must be 'auto', 'mmap', 'read' or 'direct', not {mode!r}")
         if device.type != "cpu":
             path = "read"
         elif mode == "auto":
             frac = self.resident_fraction(names)
-            path = "mmap" if frac >= _RESIDENT_ENOUGH else "read"
+            path = "mmap" if frac >= _RESIDENT_ENOUGH else self.cold_cpu_path
         else:
             path = mode
             frac = self.resident_fraction(names) if path == "mmap" else 0.0
@@ -303,16 +310,18 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         try:
             if path == "mmap":
-                for group in _groups(infos):
+                for group in (_groups(infos) if bar is not None else [infos]):
+                    # Note [Cold mapping]: read ahead what is missing, map it all with the reader threads
+                    ops = [(self.shards[i.shard], i.offset, i.nbytes, 0, i.name) for i in group if i.nbytes]
+                    _C.populate(ops, self.readers, frac < 1.0, self._staging_args[1])
                     for i in group:
-                        if i.nbytes and frac < 1.0:  # fully cached: nothing to fault in ahead of use
-                            self.shards[i.shard].populate(i.offset, i.nbytes, self.readers)
                         out[i.name] = self._view(i)
                     if bar is not None:
                         bar.update(sum(i.nbytes for i in group))
             else:
-                for group in _groups(infos):
-                    self._read_group(group, device, out)
+                # one read for everything unless a bar wants progress (the readers drain between groups)
+                for group in (_groups(infos) if bar is not None else [infos]):
+                    self._read_group(group, device, out, direct=path == "direct")
                     if bar is not None:
                         bar.update(sum(i.nbytes for i in group))
         finally:
@@ -322,7 +331,7 @@ class Checkpoint:
             out = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in out.items()}
         return out
 
-    def _read_group(self, infos: list[TensorInfo], device: torch.device, out: dict):
+    def _read_group(self, infos: list[TensorInfo], device: torch.device, out: dict, direct: bool = False):
         dsts = []
         ops = []
         for i in infos:
@@ -332,6 +341,9 @@ class Checkpoint:
                 dsts.append(t)
                 ops.append((self.shards[i.shard], i.offset, i.nbytes, t.data_ptr() if device.type == "cpu" else 0, i.name))
         if not ops:
+            return
+        if direct:  # "direct": pread straight into the destinations, no staging buffer (CPU only)
+            _C.read_direct(ops, self.readers, self._staging_args[1])
             return
         pool = self.staging_pool()
         if device.type == "cpu":
@@ -479,5 +491,6 @@ class TensorSlice:
 def open_checkpoint(path, **options) -> Checkpoint:
     """Open a safetensors checkpoint: a file, a directory of shards (with or without
     ``model.safetensors.index.json``) or an index file. Options: staging_bytes (64 MiB),
-    chunk_bytes (8 MiB), readers (8), staging_upstream ("host_pinned")."""
+    chunk_bytes (8 MiB), readers (8), staging_upstream ("host_pinned"), cold_cpu_path ("mmap", or
+    "read" / "direct" for owned memory: Note [Choosing the read path])."""
     return Checkpoint(os.fspath(path), **options)

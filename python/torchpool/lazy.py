@@ -13,7 +13,7 @@ checkpoint larger than memory can run if weights come in when a module starts an
 budget needs room.  Approach: every parameter and persistent buffer named in the model's state dict
 is bound to the checkpoint tensor of the same name and replaced by a meta-device placeholder.  A
 forward pre-hook on each module that directly owns bound tensors loads them (``Checkpoint.load``
-with the module's names: zero-copy views of warm pages, parallel staged reads of cold ones, Note
+with the module's names: zero-copy views of the mapping, cold pieces read ahead in parallel, Note
 [Choosing the read path] in checkpoint.py) and moves the module to the most-recent end of an LRU.
 Before loading, least recently used modules are evicted until resident bytes + the module's bytes
 fit in ``budget_bytes``; evicting puts the placeholders back, and for mapped views also drops this

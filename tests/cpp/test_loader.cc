@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -192,6 +193,43 @@ TEST_CASE("loader: shard file, parallel pread and the staging pipeline") {
   pool.release_buffers();
   CHECK(up->stats().mapped_bytes == 0);
   CHECK(up->stats().locked_bytes == 0);
+}
+
+TEST_CASE("loader: populate_ranges maps pieces and reports a short file") {
+  // Note [Cold mapping]
+  const size_t n = 3u << 20;
+  std::string data(n, '\0');
+  for (size_t i = 0; i < n; ++i) data[i] = static_cast<char>(i * 13 + (i >> 10));
+  std::string h = R"({"a":{"dtype":"U8","shape":[1048577],"data_offsets":[0,1048577]},)"
+                  R"("b":{"dtype":"U8","shape":[2097151],"data_offsets":[1048577,3145728]}})";
+  TempFile f(file_of(h, data));
+  ShardFile s(f.path);
+  const TensorEntry* a = s.header().find("a");
+  const TensorEntry* b = s.header().find("b");
+  REQUIRE((a != nullptr && b != nullptr));
+  std::vector<ReadOp> ops{{&s, s.file_offset(*a), a->nbytes(), nullptr, &a->name},
+                          {&s, s.file_offset(*b), b->nbytes(), nullptr, &b->name},
+                          {&s, s.file_offset(*b), 0, nullptr, &b->name}};  // an empty op is skipped
+  for (bool prefetch : {true, false}) {
+    populate_ranges(ops, 3, prefetch, 256u << 10);
+    CHECK(s.resident_fraction(s.header().data_start, n) == 1.0);
+    CHECK(std::memcmp(s.map_base() + s.header().data_start, data.data(), n) == 0);
+  }
+  CHECK(s.bytes_read() == 0);  // no pread: the kernel reads into the page cache
+  s.populate(s.file_offset(*a), a->nbytes(), 2);
+
+  // the file shrinks after it was opened: read-short naming the tensor, never SIGBUS
+  REQUIRE(::truncate(f.path.c_str(), static_cast<off_t>(s.header().data_start + n / 2)) == 0);
+#ifdef MADV_POPULATE_READ
+  try {
+    populate_ranges(ops, 3, true, 256u << 10);
+    FAIL("expected read-short");
+  } catch (const CheckpointError& e) {
+    CHECK(e.rule() == kRuleReadShort);
+    CHECK(e.tensor() == "b");
+    CHECK(std::string(e.what()).find("offsets") != std::string::npos);
+  }
+#endif
 }
 
 TEST_CASE("loader: host_pinned upstream") {
