@@ -1,4 +1,4 @@
-"""Expandable segments on host memory (host_vmm: a PROT_NONE reservation with memfd chunks mapped in
+"""Expandable segments on host memory (host_vmm: a PROT_NONE reservation with private anonymous chunks mapped in
 with MAP_FIXED), through torchpool.Allocator and through install(device="cpu", expandable_segments=True)."""
 
 import json
@@ -65,8 +65,10 @@ def test_snapshot_marks_the_expandable_segment_and_empty_cache_returns_the_tail(
 
 
 def test_host_vmm_options_are_checked():
-    with pytest.raises(ValueError, match="huge_pages does not apply"):
-        torchpool.Allocator("host_vmm", huge_pages=True)
+    a = torchpool.Allocator("host_vmm", huge_pages=True, reserve_bytes=64 * MiB)  # chunks get MADV_HUGEPAGE
+    p = a.allocate(4 * MiB)
+    a.free(p)
+    assert a.check() == ""
     with pytest.raises(ValueError, match="unknown allocator option"):
         torchpool.Allocator("host_vmm", no_such=1)
 
@@ -91,3 +93,23 @@ def test_install_cpu_with_expandable_segments_serves_tensors(python_subprocess):
     assert out["upstream"] == "host_vmm" and out["owns"] and out["sum"] == float(7 << 20)
     assert out["chunk_maps"] >= 2 and out["released"] >= 16 * MiB
     assert out["large_segments"] == 1 and out["check"] == ""
+
+
+def test_host_vmm_memory_is_copy_on_write_across_fork():
+    # Note [Host VMM]: chunks are private anonymous memory, so a forked child (a DataLoader worker)
+    # that writes memory it inherited does not change the parent's.
+    import ctypes
+    import os
+
+    a = torchpool.Allocator("host_vmm", reserve_bytes=64 * MiB)
+    p = a.allocate(3 * MiB)
+    ctypes.memset(p, 1, 3 * MiB)
+    pid = os.fork()
+    if pid == 0:
+        ctypes.memset(p, 2, 3 * MiB)
+        os._exit(0 if ctypes.string_at(p + 3 * MiB - 1, 1) == b"\x02" else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert ctypes.string_at(p, 1) == b"\x01" and ctypes.string_at(p + 3 * MiB - 1, 1) == b"\x01"
+    a.free(p)
+    assert a.check() == ""

@@ -48,8 +48,7 @@ TORCHPOOL_BINDINGS(20, cuda) {
     h.reservation_bytes = pop<size_t>(o, "reserve_bytes", 0);
     h.populate = pop<bool>(o, "populate", false);
     h.max_mapped_bytes = pop<size_t>(o, "max_mapped_bytes", 0);
-    if (pop<bool>(o, "huge_pages", false))
-      throw py::value_error("torchpool: huge_pages does not apply to expandable segments (host_vmm memory is memfd shmem)");
+    h.huge_pages = pop<bool>(o, "huge_pages", false);
     return std::make_shared<HostVmmUpstream>(h);
   };
   upstream_factories()["cuda_pinned"] = [](py::dict& o) -> std::shared_ptr<Upstream> {

@@ -1,6 +1,5 @@
 #include "host_vmm.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -20,10 +19,7 @@ HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
 }
 
 HostVmmUpstream::~HostVmmUpstream() {
-  for (auto& [base, r] : reservations_) {
-    ::munmap(reinterpret_cast<void*>(base), r.bytes);
-    ::close(r.fd);
-  }
+  for (auto& [base, bytes] : reservations_) ::munmap(reinterpret_cast<void*>(base), bytes);
 }
 
 bool HostVmmUpstream::take(size_t bytes) {
@@ -59,14 +55,8 @@ void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
   const uintptr_t base = round_up(start, kGran);
   if (base > start) ::munmap(raw, base - start);
   if (start + span > base + bytes) ::munmap(reinterpret_cast<void*>(base + bytes), start + span - (base + bytes));
-  const int fd = ::memfd_create("torchpool-host-vmm", MFD_CLOEXEC);
-  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-    if (fd >= 0) ::close(fd);
-    ::munmap(reinterpret_cast<void*>(base), bytes);
-    return nullptr;
-  }
   std::lock_guard<std::mutex> g(mu_);
-  reservations_[base] = {bytes, fd};
+  reservations_[base] = bytes;
   reserved_.fetch_add(bytes, std::memory_order_relaxed);
   return reinterpret_cast<void*>(base);
 }
@@ -74,42 +64,39 @@ void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
 void HostVmmUpstream::unreserve(void* base, size_t bytes, uint64_t /*stream*/) {
   std::lock_guard<std::mutex> g(mu_);
   auto it = reservations_.find(reinterpret_cast<uintptr_t>(base));
-  if (it == reservations_.end() || it->second.bytes != bytes)
+  if (it == reservations_.end() || it->second != bytes)
     throw std::logic_error("host_vmm: unreserve of a range that is not a reservation");
   ::munmap(base, bytes);
-  ::close(it->second.fd);
   reservations_.erase(it);
   reserved_.fetch_sub(bytes, std::memory_order_relaxed);
 }
 
-std::pair<uintptr_t, HostVmmUpstream::Reservation> HostVmmUpstream::find(uintptr_t addr, size_t bytes) {
+bool HostVmmUpstream::inside_reservation(uintptr_t addr, size_t bytes) {
   std::lock_guard<std::mutex> g(mu_);
-  for (auto& [base, r] : reservations_)
-    if (addr >= base && addr + bytes <= base + r.bytes) return {base, r};
-  return {0, {0, -1}};
+  for (auto& [base, size] : reservations_)
+    if (addr >= base && addr + bytes <= base + size) return true;
+  return false;
 }
 
 bool HostVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t /*stream*/) {
-  const auto a = reinterpret_cast<uintptr_t>(addr);
-  auto [base, r] = find(a, bytes);
-  if (r.fd < 0) throw std::logic_error("host_vmm: map_chunk outside every reservation");
+  if (!inside_reservation(reinterpret_cast<uintptr_t>(addr), bytes))
+    throw std::logic_error("host_vmm: map_chunk outside every reservation");
   if (!take(bytes)) return false;
-  const int flags = MAP_SHARED | MAP_FIXED | (options_.populate ? MAP_POPULATE : 0);
-  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, flags, r.fd, static_cast<off_t>(a - base));
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (options_.populate ? MAP_POPULATE : 0);
+  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (p == MAP_FAILED) {
     mapped_.fetch_sub(bytes, std::memory_order_relaxed);
     return false;
   }
+  if (options_.huge_pages) ::madvise(addr, bytes, MADV_HUGEPAGE);  // advisory: failure is harmless
   return true;
 }
 
 void HostVmmUpstream::unmap_chunk(void* addr, size_t bytes, uint64_t /*stream*/) {
-  const auto a = reinterpret_cast<uintptr_t>(addr);
-  auto [base, r] = find(a, bytes);
-  if (r.fd < 0) throw std::logic_error("host_vmm: unmap_chunk outside every reservation");
-  // Address space back to PROT_NONE first, then free the pages behind it (Note [Host VMM]).
+  if (!inside_reservation(reinterpret_cast<uintptr_t>(addr), bytes))
+    throw std::logic_error("host_vmm: unmap_chunk outside every reservation");
+  // Address space back to PROT_NONE; replacing the mapping frees its pages (Note [Host VMM]).
   ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-  ::fallocate(r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(a - base), static_cast<off_t>(bytes));
   mapped_.fetch_sub(bytes, std::memory_order_relaxed);
 }
 

@@ -3,18 +3,17 @@
 //
 // Note [Host VMM]
 // ---------------
-// Approach: a reservation is an anonymous PROT_NONE, MAP_NORESERVE mapping (address space only,
-// no memory, no commit charge).  Its physical memory is one memfd per reservation, sized to the
-// reservation (a sparse tmpfs file: pages exist only where written).  map_chunk maps the file range
-// at the same offset over the reservation with MAP_FIXED | MAP_SHARED; unmap_chunk punches a hole in
-// the file (fallocate PUNCH_HOLE, which frees the pages at once) and puts PROT_NONE address space
-// back with MAP_FIXED.  The file plays the role of cuMemCreate's handles; unlike CUDA, any
-// page-aligned part of a mapped range can be unmapped.  map() (the pool's small segments) is a plain
-// anonymous mapping.  Limitations: memfd memory is shmem: it shows as "Shmem" in /proc/meminfo and is
-// bounded by RAM + swap, not by the overcommit policy, and transparent huge pages follow the
-// shmem_enabled setting rather than MADV_HUGEPAGE.  A map_chunk that the kernel cannot back fails
-// only when the pages are touched (SIGBUS), unless populate is set, which faults them in at map time
-// (MAP_POPULATE) and turns a shortage into a clean nullptr / out-of-memory.
+// Approach: a reservation is an anonymous PROT_NONE, MAP_NORESERVE mapping (address space only, no
+// memory, no commit charge).  map_chunk replaces a chunk-aligned part of it with a private anonymous
+// read-write mapping (MAP_FIXED); unmap_chunk replaces it with PROT_NONE, MAP_NORESERVE address space
+// again, which frees the pages at once.  Any page-aligned part of a mapped range can be unmapped
+// (CUDA needs one handle per cuMemCreate; here the kernel does the bookkeeping).  map() (ordinary
+// segments) is a plain anonymous mapping.  Why private anonymous memory and not a memfd mapped
+// MAP_SHARED (the literal image of cuMemCreate handles, and this upstream's first version): shared
+// pages stay shared across fork(), so a DataLoader worker writing a tensor it inherited would change
+// the parent's; private pages are copy-on-write like every other malloc'd byte (tested).  The
+// commit charge is taken when a chunk is mapped, so under the kernel's overcommit policy a shortage
+// can fail map_chunk cleanly; with populate, the pages are faulted in at map time (MAP_POPULATE).
 #pragma once
 
 #include <atomic>
@@ -29,6 +28,7 @@ struct HostVmmOptions {
   bool expandable = true;         // false: behaves like host_mmap (map() only)
   size_t reservation_bytes = 0;   // per expandable segment; 0: physical memory size
   bool populate = false;          // fault chunks in at map time
+  bool huge_pages = false;        // madvise(MADV_HUGEPAGE) on mapped chunks (2 MiB-aligned)
   size_t max_mapped_bytes = 0;    // 0: no limit; else map/map_chunk fail beyond it (tests, quotas)
 };
 
@@ -52,18 +52,14 @@ class HostVmmUpstream final : public Upstream {
   size_t reserved_bytes() const { return reserved_.load(std::memory_order_relaxed); }
 
  private:
-  struct Reservation {
-    size_t bytes;
-    int fd;
-  };
   bool take(size_t bytes);
-  // the reservation holding [addr, addr + bytes), with its base; fd -1 if none
-  std::pair<uintptr_t, Reservation> find(uintptr_t addr, size_t bytes);
+  // true when [addr, addr + bytes) lies inside one reservation
+  bool inside_reservation(uintptr_t addr, size_t bytes);
 
   HostVmmOptions options_;
   size_t reservation_;
   std::mutex mu_;
-  std::unordered_map<uintptr_t, Reservation> reservations_;  // by base
+  std::unordered_map<uintptr_t, size_t> reservations_;  // base -> bytes
   std::atomic<size_t> mapped_{0};
   std::atomic<size_t> reserved_{0};
 };
