@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import torchpool
 from torchpool import _C
 
-UPSTREAMS = ["fake", "host"]
+UPSTREAMS = ["fake", "host", "host_vmm"]
 
 
 def recompute(snapshot: list[dict]) -> dict:
@@ -29,7 +29,8 @@ def recompute(snapshot: list[dict]) -> dict:
                 out["requested"] += b["requested_size"]
                 out["allocations"] += 1
             else:
-                out["largest_free"] = max(out["largest_free"], b["size"])
+                # the free memory held: a free block of an expandable segment may span unmapped chunks
+                out["largest_free"] = max(out["largest_free"], b["mapped_size"])
                 if split:
                     out["inactive_split"] += b["size"]
     return out

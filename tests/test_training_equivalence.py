@@ -51,10 +51,11 @@ def default_run():
 @pytest.mark.parametrize(
     "options",
     [
-        "{}",  # the install() defaults
-        '{"arenas": 1, "huge_pages": false, "size_classes": false}',  # best fit everywhere, one arena
+        "{}",  # the install() defaults (expandable segments on host_vmm)
+        '{"arenas": 1, "expandable_segments": false, "huge_pages": true, "size_classes": false}',  # host mmap, best fit, one arena
+        '{"expandable_segments": false, "max_reserved_ratio": 0}',  # host mmap segments kept forever
     ],
-    ids=["defaults", "bestfit-1arena-nohuge"],
+    ids=["defaults", "host-bestfit-1arena-huge", "host-nolimit"],
 )
 def test_bit_identical_under_torchpool(python_subprocess, default_run, options):
     pooled = _run(python_subprocess, options)

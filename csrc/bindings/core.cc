@@ -132,6 +132,7 @@ py::list snapshot_list(const std::vector<SegmentView>& segs) {
       bd["size"] = b.size;
       bd["requested_size"] = b.requested;
       bd["size_class"] = b.cls;
+      bd["mapped_size"] = b.mapped;  // < size only for a free block over unmapped chunks (expandable)
       // A block freed by its owner while another stream may still use it reads "deferred": it is
       // active (counted in active_bytes) but not allocated.
       bd["state"] = b.deferred ? "deferred" : states[b.state];

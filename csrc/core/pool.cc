@@ -642,7 +642,6 @@ void Pool::free(Block* b) {
 Stats Pool::stats_with_derived() const {
   Stats s = stats_;
   int64_t largest = 0;
-  const size_t gran = upstream_.granularity();
   for (const auto& [stream, fl] : streams_) {
     (void)stream;
     // A free block of an expandable segment counts its mapped bytes (Note [Holes in expandable
@@ -651,18 +650,7 @@ Stats Pool::stats_with_derived() const {
     for (auto it = set->rbegin(); it != set->rend(); ++it) {
       const Block* b = *it;
       if (static_cast<int64_t>(b->size) <= largest) break;
-      int64_t bytes = static_cast<int64_t>(b->size);
-      if (b->segment->expandable) {
-        const Segment* s = b->segment;
-        bytes = 0;
-        for (uintptr_t c = (b->addr - s->base) / gran * gran; s->base + c < b->addr + b->size; c += gran) {
-          if (!s->chunk_mapped[c / gran]) continue;
-          const uintptr_t lo = std::max<uintptr_t>(s->base + c, b->addr);
-          const uintptr_t hi = std::min<uintptr_t>(s->base + c + gran, b->addr + b->size);
-          bytes += static_cast<int64_t>(hi - lo);
-        }
-      }
-      largest = std::max(largest, bytes);
+      largest = std::max(largest, static_cast<int64_t>(mapped_in(b)));
     }
     for (int c = static_cast<int>(kNumSizeClasses) - 1; c >= 0; --c) {
       if (fl.class_head[c]) {
@@ -675,13 +663,28 @@ Stats Pool::stats_with_derived() const {
   return s;
 }
 
+size_t Pool::mapped_in(const Block* b) const {
+  const Segment* s = b->segment;
+  if (!s->expandable) return b->size;
+  const size_t gran = upstream_.granularity();
+  size_t bytes = 0;
+  for (uintptr_t c = (b->addr - s->base) / gran * gran; s->base + c < b->addr + b->size; c += gran) {
+    if (!s->chunk_mapped[c / gran]) continue;
+    const uintptr_t lo = std::max<uintptr_t>(s->base + c, b->addr);
+    const uintptr_t hi = std::min<uintptr_t>(s->base + c + gran, b->addr + b->size);
+    bytes += hi - lo;
+  }
+  return bytes;
+}
+
 std::vector<SegmentView> Pool::snapshot() const {
   std::vector<SegmentView> out;
   for (const Segment* s = segments_; s; s = s->next) {
     SegmentView v{s->base, s->mapped, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
     for (const Block* b = s->first; b; b = b->next) {
       const bool deferred = b->state == Block::kDeferred;
-      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, deferred ? Block::kAllocated : b->state, deferred});
+      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, deferred ? Block::kAllocated : b->state, deferred,
+                          b->state == Block::kFree ? mapped_in(b) : b->size});
     }
     out.push_back(std::move(v));
   }

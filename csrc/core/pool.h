@@ -178,6 +178,7 @@ struct BlockView {  // one row of a snapshot
   int32_t cls;
   Block::State state;  // a kDeferred block shows as kAllocated with deferred = true
   bool deferred;
+  size_t mapped;       // bytes of the block with memory behind them (< size: a free block over holes)
 };
 
 struct SegmentView {
@@ -256,6 +257,7 @@ class Pool {
   size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
   size_t release_free(size_t target_bytes);       // free segments largest first, then expandable holes
   static Block* last_block(const Segment* s);
+  size_t mapped_in(const Block* b) const;  // bytes of b with memory behind them
   Block* split(Block* b, size_t size);  // b is not on a free structure; returns b (now `size` long)
   Block* insert_free(Block* b);         // merges with kFree neighbours, inserts; returns the survivor
   void erase_free(Block* b);

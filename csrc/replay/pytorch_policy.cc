@@ -189,6 +189,7 @@ std::vector<SegmentView> PytorchPolicy::snapshot() const {
       bv.requested = b->requested;
       bv.cls = -1;
       bv.state = b->allocated ? Block::kAllocated : Block::kFree;
+      bv.mapped = b->size;
       v.blocks.push_back(bv);
     }
     out.push_back(std::move(v));

@@ -25,7 +25,8 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "min_split_bytes": (int, "a large free block is split only if the rest is at least this"),
     "max_split_bytes": (int, "free blocks larger than this are never split (PyTorch's max_split_size)"),
     "alignment": (int, "alignment and size quantum of every block (power of two >= 64)"),
-    "expandable_segments": (bool, "one reserved address range per stream, grown and shrunk in chunks (cpu: host_vmm, cuda: VMM)"),
+    "expandable_segments": (bool, "one reserved address range per stream, memory mapped in chunks behind allocated blocks "
+                                  "(cpu: host_vmm, the default; cuda: VMM, off by default)"),
     "reserve_bytes": (int, "address space reserved per expandable segment (0: the memory size of the machine / device)"),
 }
 _UNITS = {"_bytes": 1, "_kb": 1 << 10, "_mb": 1 << 20, "_gb": 1 << 30}

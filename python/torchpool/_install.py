@@ -39,7 +39,9 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     if current is not None and not options:
         return current
     cfg.setdefault("arenas", _config.default_arenas())
-    alloc = _C.Allocator("host_vmm" if cfg.pop("expandable_segments", False) else "host", device_name="cpu", **cfg)
+    # Expandable segments are the CPU default (Note [Holes in expandable segments]; measured in
+    # docs/performance.md): the least resident memory and the fastest large-tensor reuse here.
+    alloc = _C.Allocator("host_vmm" if cfg.pop("expandable_segments", True) else "host", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
     return alloc
 
