@@ -70,7 +70,6 @@ def run(workdir: pathlib.Path, out) -> dict:
     torchpool.lazy.binding(full).remove()
 
     mib = 1 << 20
-    print("== lazy checkpoint loading ==", file=out)
     print(f"checkpoint  {path.name}: {len(sd)} tensors, {ck_bytes / mib:.2f} MiB ({LAYERS} linear layers)", file=out)
     print(f"budget      {budget / mib:.2f} MiB ({BUDGET_LAYERS} layers): the checkpoint is {ck_bytes / budget:.1f}x the budget",
           file=out)
