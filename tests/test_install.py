@@ -172,3 +172,24 @@ def test_profiler_sees_torchpool_memory(python_subprocess):
         """))
     assert r.returncode == 0, r.stderr
     assert last_json(r.stdout)["reported"] >= 2 * 4 * (1 << 20)
+
+
+def test_reserve_ratio_and_expandable_options_from_the_environment(python_subprocess):
+    # The fractional option travels through TORCHPOOL_CONF; the CPU default upstream is host_vmm and
+    # expandable_segments=0 selects one mmap per segment.
+    r = python_subprocess(
+        "import json, torch, torchpool\n"
+        "a = torchpool.allocator()\n"
+        "t = torch.empty(3 << 20, dtype=torch.uint8)\n"
+        "b = torchpool.install(expandable_segments=False, max_reserved_ratio=0)\n"
+        "print(json.dumps([a.upstream_name, b.upstream_name]))\n",
+        env={"TORCHPOOL_CONF": "cpu=1,max_reserved_ratio=1.2"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["host_vmm", "host_mmap"]
+    from torchpool import _config
+
+    assert _config.normalize({"max_reserved_ratio": "1.2"}) == {"max_reserved_ratio": 1.2}
+    for bad in ("0.5", "x"):
+        with pytest.raises(_config.ConfigError, match="max_reserved_ratio"):
+            _config.normalize({"max_reserved_ratio": bad})
