@@ -455,8 +455,14 @@ size_t Pool::make_room(size_t need, size_t incoming) {
   const double target = std::max(config_.max_reserved_ratio * static_cast<double>(high), floor);
   const double have = static_cast<double>(stats_.reserved_bytes.current) + static_cast<double>(need);
   if (have <= target) return 0;
+  // Nothing was freed since the last search came back short: searching again would walk the same
+  // segments for nothing (the walk is O(segments + blocks of expandable segments)).
+  if (frees_ == fruitless_at_) return 0;
   stats_.num_target_releases++;
-  return release_free(static_cast<size_t>(have - target) + 1);
+  const size_t want = static_cast<size_t>(have - target) + 1;
+  const size_t got = release_free(want);
+  if (got < want) fruitless_at_ = frees_;
+  return got;
 }
 
 size_t Pool::release_free(size_t target_bytes) {
@@ -627,6 +633,7 @@ void Pool::defer(Block* b) {
 
 void Pool::free(Block* b) {
   TP_ASSERT(b->state == Block::kAllocated || b->state == Block::kDeferred);
+  ++frees_;
   if (b->state == Block::kAllocated) account_free(b);
   account_inactive_active(b);
   if (b->cls >= 0) {

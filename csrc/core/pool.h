@@ -281,6 +281,8 @@ class Pool {
   Stats stats_;
   Segment* segments_ = nullptr;
   int64_t allocated_high_water_ = 0;  // never reset: Note [Reserve target]
+  uint64_t frees_ = 0;                  // Pool::free() calls, so make_room() can skip fruitless searches
+  uint64_t fruitless_at_ = ~uint64_t{0};
   uint64_t next_segment_id_ = 0;
   std::unordered_map<uint64_t, FreeLists> streams_;
   uint64_t last_stream_ = ~uint64_t{0};
