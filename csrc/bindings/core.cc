@@ -31,6 +31,7 @@ std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream, py
   AllocatorConfig c;
   c.pool.alignment = take<size_t>(o, "alignment", c.pool.alignment);
   c.pool.size_classes = take<bool>(o, "size_classes", c.pool.size_classes);
+  c.pool.max_class_bytes = take<size_t>(o, "max_class_bytes", c.pool.max_class_bytes);
   c.pool.small_segment_bytes = take<size_t>(o, "small_segment_bytes", c.pool.small_segment_bytes);
   c.pool.large_rounding = take<size_t>(o, "large_rounding", c.pool.large_rounding);
   c.pool.min_split_bytes = take<size_t>(o, "min_split_bytes", c.pool.min_split_bytes);
@@ -179,7 +180,7 @@ TORCHPOOL_BINDINGS(0, core) {
   m.attr("trace_record_bytes") = sizeof(TraceEvent);
 
   py::class_<CachingAllocator, std::shared_ptr<CachingAllocator>>(m, "Allocator", R"doc(
-A caching allocator over an upstream ("host": anonymous mmap with huge pages; "fake": fake addresses
+A caching allocator over an upstream ("host": one anonymous mmap per segment; "fake": fake addresses
 for tests; more upstreams register themselves). Keyword options configure the pool; unknown ones raise.)doc")
       .def(py::init([](const std::string& upstream, py::kwargs kw) { return make_allocator(upstream, kw); }),
            py::arg("upstream") = "host")

@@ -49,6 +49,7 @@ TORCHPOOL_BINDINGS(20, cuda) {
     h.populate = pop<bool>(o, "populate", false);
     h.max_mapped_bytes = pop<size_t>(o, "max_mapped_bytes", 0);
     h.huge_pages = pop<bool>(o, "huge_pages", false);
+    h.chunk_bytes = pop<size_t>(o, "chunk_bytes", h.chunk_bytes);
     return std::make_shared<HostVmmUpstream>(h);
   };
   upstream_factories()["cuda_pinned"] = [](py::dict& o) -> std::shared_ptr<Upstream> {

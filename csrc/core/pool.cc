@@ -55,6 +55,7 @@ Pool::Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget)
   config_.large_rounding = std::max(round_up(config_.large_rounding, config_.alignment), config_.alignment);
   config_.small_segment_bytes = round_up(std::max(config_.small_segment_bytes, kMaxClassBytes), upstream_.granularity());
   config_.min_split_bytes = std::max(config_.min_split_bytes, config_.alignment);
+  config_.max_class_bytes = std::min(config_.max_class_bytes, kMaxClassBytes);
   for (uint32_t c = 0; c < kNumSizeClasses; ++c) {
     uint32_t j = c;
     while (j + 1 < kNumSizeClasses && class_bytes(j) % config_.alignment != 0) ++j;
@@ -450,8 +451,10 @@ size_t Pool::release_free_chunks(Block* b) {
 size_t Pool::make_room(size_t need, size_t incoming) {
   if (config_.max_reserved_ratio <= 0) return 0;
   const auto high = std::max<int64_t>(allocated_high_water_, stats_.allocated_bytes.current + static_cast<int64_t>(incoming));
-  // A floor of a few chunks: a small program gains nothing from returning its last segments.
-  const double floor = static_cast<double>(high) + 2.0 * static_cast<double>(std::max(upstream_.granularity(), config_.small_segment_bytes));
+  // A floor of one segment per stream (blocks are never shared across streams, so each stream needs
+  // room of its own): a small program gains nothing from returning its last segments.
+  const double floor = static_cast<double>(high) + static_cast<double>(std::max<size_t>(1, streams_.size())) *
+                                                       static_cast<double>(std::max(upstream_.granularity(), config_.small_segment_bytes));
   const double target = std::max(config_.max_reserved_ratio * static_cast<double>(high), floor);
   const double have = static_cast<double>(stats_.reserved_bytes.current) + static_cast<double>(need);
   if (have <= target) return 0;
@@ -607,7 +610,7 @@ Block* Pool::allocate(size_t bytes, uint64_t stream) {
   TP_ASSERT(bytes > 0);
   const size_t rounded = round_up(bytes, config_.alignment);
   Block* b;
-  if (rounded <= kMaxClassBytes && config_.size_classes) {
+  if (rounded <= config_.max_class_bytes && config_.size_classes) {
     b = allocate_class(aligned_class_[class_of(rounded)], bytes, stream);
   } else if (rounded <= kMaxClassBytes) {
     b = allocate_best_fit(rounded, bytes, stream, /*small=*/true);

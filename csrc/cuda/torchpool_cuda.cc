@@ -91,6 +91,7 @@ bool set_option(Options& o, const std::string& key, unsigned long long v) {
   else if (key == "max_cached_bytes") p.max_cached_bytes = v;
   else if (key == "arenas") o.alloc.arenas = static_cast<unsigned>(v);
   else if (key == "size_classes") p.size_classes = v != 0;
+  else if (key == "max_class_bytes") p.max_class_bytes = v;
   else if (key == "small_segment_bytes") p.small_segment_bytes = v;
   else if (key == "large_rounding") p.large_rounding = v;
   else if (key == "min_split_bytes") p.min_split_bytes = v;

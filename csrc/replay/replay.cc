@@ -131,9 +131,11 @@ const std::vector<TorchpoolMode>& torchpool_modes() {
   static const std::vector<TorchpoolMode> modes = [] {
     std::vector<TorchpoolMode> m;
     PoolConfig def;
-    m.push_back({"torchpool", "torchpool defaults: size classes up to 1 MiB, best fit above, 2 MiB segments, reserve target 1.05",
+    m.push_back({"torchpool", "torchpool defaults, one mapping per 2 MiB-rounded segment (CUDA's default; CPU with expandable_segments=0)",
                  def, 2u << 20});
-    m.push_back({"torchpool-expandable", "torchpool defaults on expandable segments (2 MiB chunks, holes unmapped)", def,
+    m.push_back({"torchpool-expandable", "torchpool on expandable segments with 512 KiB chunks (the CPU default: host_vmm)", def,
+                 512u << 10, size_t{1} << 40});
+    m.push_back({"torchpool-expandable-2m", "torchpool on expandable segments with 2 MiB chunks (CUDA VMM granularity)", def,
                  2u << 20, size_t{1} << 40});
     PoolConfig nolimit = def;
     nolimit.max_reserved_ratio = 0;

@@ -8,14 +8,18 @@
 
 namespace torchpool {
 namespace {
-constexpr size_t kGran = 2u << 20;
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 }  // namespace
 
 HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t c = options_.chunk_bytes;
+  if (c < page || (c & (c - 1)) != 0)
+    throw std::invalid_argument("torchpool: host_vmm chunk_bytes must be a power of two of at least the page size (" +
+                                std::to_string(page) + ")");
   size_t r = options_.reservation_bytes;
   if (r == 0) r = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  reservation_ = round_up(r, kGran);
+  reservation_ = round_up(r, options_.chunk_bytes);
 }
 
 HostVmmUpstream::~HostVmmUpstream() {
@@ -48,11 +52,11 @@ void HostVmmUpstream::unmap(void* ptr, size_t bytes, uint64_t /*stream*/) {
 
 void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
   // Aligned to the granularity: over-reserve by one chunk and trim the ends.
-  const size_t span = bytes + kGran;
+  const size_t span = bytes + options_.chunk_bytes;
   void* raw = ::mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const auto start = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t base = round_up(start, kGran);
+  const uintptr_t base = round_up(start, options_.chunk_bytes);
   if (base > start) ::munmap(raw, base - start);
   if (start + span > base + bytes) ::munmap(reinterpret_cast<void*>(base + bytes), start + span - (base + bytes));
   std::lock_guard<std::mutex> g(mu_);

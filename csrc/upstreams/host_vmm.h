@@ -14,6 +14,11 @@
 // the parent's; private pages are copy-on-write like every other malloc'd byte (tested).  The
 // commit charge is taken when a chunk is mapped, so under the kernel's overcommit policy a shortage
 // can fail map_chunk cleanly; with populate, the pages are faulted in at map time (MAP_POPULATE).
+// Chunk size: CUDA's VMM maps 2 MiB at a time; the kernel maps any page.  512 KiB (chunk_bytes) is
+// the default: on the replayed suite it lifts expandable utilization from 89–95 % to 95–96 %
+// (free bytes at the peak sat in 2 MiB chunks shared with live blocks), at no measured cost in the
+// allocator benches (W1 16.8 vs 16.9 GB/s, W2 0.175 vs 0.185 s per step, W3 16.9 vs 16.1 ms per
+// image, within the runs' spread); adjacent chunks merge into one kernel mapping.
 #pragma once
 
 #include <atomic>
@@ -29,6 +34,7 @@ struct HostVmmOptions {
   size_t reservation_bytes = 0;   // per expandable segment; 0: physical memory size
   bool populate = false;          // fault chunks in at map time
   bool huge_pages = false;        // madvise(MADV_HUGEPAGE) on mapped chunks (2 MiB-aligned)
+  size_t chunk_bytes = 512u << 10;  // the mapping unit (a power of two, >= the page size): Note [Host VMM]
   size_t max_mapped_bytes = 0;    // 0: no limit; else map/map_chunk fail beyond it (tests, quotas)
 };
 
@@ -38,7 +44,7 @@ class HostVmmUpstream final : public Upstream {
   ~HostVmmUpstream() override;
   void* map(size_t bytes, uint64_t stream) override;
   void unmap(void* ptr, size_t bytes, uint64_t stream) override;
-  size_t granularity() const override { return 2u << 20; }
+  size_t granularity() const override { return options_.chunk_bytes; }
   const char* name() const override { return "host_vmm"; }
 
   bool can_expand() const override { return options_.expandable; }

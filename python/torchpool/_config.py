@@ -20,6 +20,8 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "huge_pages": (bool, "madvise(MADV_HUGEPAGE) on segments of 2 MiB and more (host upstream)"),
     "populate": (bool, "fault pages in when a segment is mapped (host upstream)"),
     "size_classes": (bool, "serve small requests from per-class free lists (False: best fit)"),
+    "max_class_bytes": (int, "requests up to this use size classes; larger ones up to 1 MiB are best fit in small segments"),
+    "chunk_bytes": (int, "cpu expandable segments: the unit memory is mapped and returned in (power of two)"),
     "small_segment_bytes": (int, "size of the segments that hold size-class blocks"),
     "large_rounding": (int, "large blocks are rounded up to a multiple of this"),
     "min_split_bytes": (int, "a large free block is split only if the rest is at least this"),

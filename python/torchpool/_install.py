@@ -41,7 +41,10 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     cfg.setdefault("arenas", _config.default_arenas())
     # Expandable segments are the CPU default (Note [Holes in expandable segments]; measured in
     # docs/performance.md): the least resident memory and the fastest large-tensor reuse here.
-    alloc = _C.Allocator("host_vmm" if cfg.pop("expandable_segments", True) else "host", device_name="cpu", **cfg)
+    expandable = cfg.pop("expandable_segments", True)
+    if not expandable:
+        cfg.pop("chunk_bytes", None)  # a property of expandable segments only
+    alloc = _C.Allocator("host_vmm" if expandable else "host", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
     return alloc
 

@@ -28,7 +28,7 @@ from . import _config
 from ._build import _C
 
 _LIB_NAME = "libtorchpool_cuda.so"
-_HOST_ONLY = ("huge_pages", "populate")
+_HOST_ONLY = ("huge_pages", "populate", "chunk_bytes")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _pluggable = None  # the CUDAPluggableAllocator once installed (kept alive: torch holds raw pointers)

@@ -20,7 +20,8 @@ from ._build import _C
 from .trace import Trace
 
 # The allocators a report shows by default, in this order.
-DEFAULT_ALLOCATORS = ["torchpool", "torchpool-expandable", "torchpool-nolimit", "pytorch", "pytorch-expandable",
+DEFAULT_ALLOCATORS = ["torchpool", "torchpool-expandable", "torchpool-expandable-2m", "torchpool-nolimit", "pytorch",
+                      "pytorch-expandable",
                       "glibc", "jemalloc", "tcmalloc", "mimalloc"]
 ROW_KEYS = ["trace", "allocator", "peak_live_bytes", "peak_reserved_bytes", "utilization", "internal_waste_bytes",
             "external_fragmentation", "upstream_calls", "ops_per_s"]

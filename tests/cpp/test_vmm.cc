@@ -19,8 +19,11 @@ using namespace torchpool;
 namespace {
 constexpr size_t MiB = 1u << 20;
 
-std::shared_ptr<HostVmmUpstream> vmm(size_t max_mapped = 0) {
+// 2 MiB chunks (CUDA's VMM granularity) so that the byte counts below read in whole MiB; the
+// default 512 KiB chunk has its own case at the end.
+std::shared_ptr<HostVmmUpstream> vmm(size_t max_mapped = 0, size_t chunk = 2 * MiB) {
   HostVmmOptions o;
+  o.chunk_bytes = chunk;
   o.reservation_bytes = 256 * MiB;
   o.max_mapped_bytes = max_mapped;
   return std::make_shared<HostVmmUpstream>(o);
@@ -331,4 +334,26 @@ TEST_CASE("stream ordering: the out-of-memory retry waits for pending events ins
   CHECK(events->live() == 0);
   a.free(q);
   CHECK(a.check() == "");
+}
+
+TEST_CASE("host_vmm: the default 512 KiB chunks return memory at that unit, anywhere in the range") {
+  auto up = vmm(0, 512 << 10);
+  CachingAllocator a(up, {});
+  auto* x = static_cast<char*>(a.allocate(3 * MiB));
+  auto* y = static_cast<char*>(a.allocate(3 * MiB));
+  auto* z = static_cast<char*>(a.allocate(1 * MiB + 1000));
+  std::memset(x, 1, 3 * MiB);
+  std::memset(y, 2, 3 * MiB);
+  std::memset(z, 3, MiB + 1000);
+  CHECK(up->mapped_bytes() == 7 * MiB + 512 * 1024);  // 3 + 3 + 1.5 (z rounded to the chunk)
+  a.free(y);
+  a.empty_cache();  // the hole between x and z goes back whole
+  CHECK(up->mapped_bytes() == 4 * MiB + 512 * 1024);
+  CHECK(x[3 * MiB - 1] == 1);
+  CHECK(z[0] == 3);
+  CHECK(a.check() == "");
+  a.free(x);
+  a.free(z);
+  a.empty_cache();
+  CHECK(up->mapped_bytes() == 0);
 }
