@@ -219,7 +219,8 @@ class Pool {
   // ordering]).  It stays out of every free structure until free() is called on it.
   void defer(Block* block);
 
-  // Merge parked class blocks, then return entirely free segments to the upstream.
+  // Merge parked class blocks, then return entirely free segments and the free chunks of expandable
+  // segments to the upstream (largest first, until target_bytes).
   // Returns the bytes returned.
   size_t release_cached(size_t target_bytes = SIZE_MAX);
 
