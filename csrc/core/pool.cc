@@ -414,12 +414,17 @@ bool Pool::map_range(Block* b) {
   return ok;
 }
 
+std::pair<size_t, size_t> Pool::inner_chunks(const Block* b) const {
+  const size_t gran = upstream_.granularity();
+  const uintptr_t base = b->segment->base;
+  return {(b->addr - base + gran - 1) / gran, (b->addr + b->size - base) / gran};
+}
+
 size_t Pool::release_free_chunks(Block* b) {
   TP_ASSERT(b->state == Block::kFree && b->segment->expandable);
   Segment* s = b->segment;
   const size_t gran = upstream_.granularity();
-  const size_t lo = (b->addr - s->base + gran - 1) / gran;  // chunks wholly inside b
-  const size_t hi = (b->addr + b->size - s->base) / gran;
+  const auto [lo, hi] = inner_chunks(b);
   size_t released = 0;
   if (lo < hi) {
     for_each_run(s->chunk_mapped, lo, hi, true, [&](size_t first, size_t count) {
@@ -494,7 +499,7 @@ size_t Pool::release_free(size_t target_bytes) {
       }
       for (Block* b = s->first; b; b = b->next) {
         if (b->state != Block::kFree) continue;
-        const size_t lo = (b->addr - s->base + gran - 1) / gran, hi = (b->addr + b->size - s->base) / gran;
+        const auto [lo, hi] = inner_chunks(b);
         size_t bytes = 0;
         for (size_t i = lo; i < hi; ++i) bytes += s->chunk_mapped[i] ? gran : 0;
         if (bytes || b->next == nullptr) c.push_back({bytes, nullptr, b});

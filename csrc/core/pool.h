@@ -106,6 +106,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "size_classes.h"
@@ -265,6 +266,7 @@ class Pool {
   Segment* link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool small, size_t reserved);  // reserved: expandable
   Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, bool small);  // a kFree block >= rounded, or null
   bool map_range(Block* b);  // expandable: maps the chunks b overlaps that have no memory; false on failure
+  std::pair<size_t, size_t> inner_chunks(const Block* b) const;  // [first, last) chunk index wholly inside b
   size_t release_free_chunks(Block* b);  // expandable, b kFree: unmaps the chunks inside b; may free the segment
   void unmap_chunks(Segment* s, size_t first, size_t count);
   size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
