@@ -10,5 +10,15 @@ cmake -S . -B build/asan -DTORCHPOOL_PYTHON=OFF -DTORCHPOOL_TESTS=ON -DTORCHPOOL
   -DTORCHPOOL_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug >/dev/null
 cmake --build build/asan -j "$JOBS" >/dev/null
 ctest --test-dir build/asan --output-on-failure
+# The jobs in scripts/ci/ (sanitizer builds, fuzzing, packaging), each timed. SKIP_JOBS="fuzz_cpp wheel"
+# leaves those out (for a quick local run); CI runs all of them.
+for job in scripts/ci/*.sh; do
+  name=$(basename "$job" .sh)
+  case " ${SKIP_JOBS:-} " in *" $name "*) echo "== $name: skipped (SKIP_JOBS)"; continue ;; esac
+  start=$(date +%s)
+  echo "== $name"
+  VENV="$VENV" JOBS="$JOBS" bash "$job"
+  echo "== $name: $(( $(date +%s) - start )) s"
+done
 # Python tests import the installed package, not the source tree.
 cd tests && "../$VENV/bin/python" -m pytest -q "$@"
