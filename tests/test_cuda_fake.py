@@ -366,26 +366,3 @@ def test_the_callers_context_is_restored_and_memory_comes_from_the_device_asked_
         print(json.dumps({"device": fake.fake_cuda_device_of(p), "restored": fake.fake_cuda_current_context() == before}))
         """)
     assert out == {"device": 0, "restored": True}
-
-
-def test_unmap_synchronization_cost_on_the_fake_timeline(python_subprocess, fake_driver):
-    """The cost side of the fix, counted on the fake's timeline for the drifting-size pattern of
-    docs/cuda.md (free the large block, allocate one 2 MiB larger; every block used by a kernel on its
-    stream): syncs that found work queued ("stall") are what a GPU would pay."""
-    out = run_h(python_subprocess, fake_driver, """
-        tc.configure(expandable_segments=True, reserve_mb=1024)
-        a = tc.CudaAllocator(0)
-        s = 0x500
-        prev = None
-        for mb in range(10, 42, 2):
-            if prev is not None:
-                a.free(prev, s)
-            prev = a.allocate(mb * MiB, s)
-            fake.fake_cuda_launch(s, prev, mb * MiB)
-            keep = a.allocate(4096, s)
-        st = a.stats()
-        print(json.dumps({"syncs": fake.fake_cuda_calls(b"sync"), "stalls": fake.fake_cuda_calls(b"stall"),
-                          "unmaps": st["num_chunk_unmaps"], "hazards": fake.fake_cuda_hazard_text().decode()}))
-        """)
-    assert out["hazards"] == ""
-    assert out["syncs"] <= out["unmaps"]  # at most one synchronization per run of chunks given back

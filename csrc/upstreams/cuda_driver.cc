@@ -282,12 +282,14 @@ bool CudaVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t stream) {
   release_parked();
   const CUmemAllocationProp p = prop();
   const auto base = reinterpret_cast<CUdeviceptr>(addr);
+  std::vector<ParkedRelease> taken_back;  // parked chunks reused by this call (work may still touch them)
   for (size_t off = 0; off < bytes; off += granularity_) {
     {  // a chunk parked during a capture and wanted again: still mapped, take it back
       std::lock_guard<std::mutex> g(mu_);
       auto it = std::find_if(parked_.begin(), parked_.end(), [&](const ParkedRelease& r) { return r.addr == base + off; });
       if (it != parked_.end()) {
         handles_[base + off] = it->handle;
+        taken_back.push_back(*it);
         *it = parked_.back();
         parked_.pop_back();
         continue;
@@ -305,7 +307,8 @@ bool CudaVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t stream) {
       drv_.cuMemRelease(h);
       ok = false;
     }
-    if (!ok) {  // nothing stays mapped on failure (nothing of it was used: no synchronization)
+    if (!ok) {  // nothing stays mapped on failure: new chunks were never used (no synchronization);
+                // chunks taken back from the parked list go back there
       for (size_t o = 0; o < off; o += granularity_) {
         CUmemGenericAllocationHandle hh;
         {
@@ -314,6 +317,11 @@ bool CudaVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t stream) {
           if (it == handles_.end()) continue;
           hh = it->second;
           handles_.erase(it);
+          auto tb = std::find_if(taken_back.begin(), taken_back.end(), [&](const ParkedRelease& r) { return r.addr == base + o; });
+          if (tb != taken_back.end()) {
+            parked_.push_back(*tb);
+            continue;
+          }
         }
         drv_.cuMemUnmap(base + o, granularity_);
         drv_.cuMemRelease(hh);
