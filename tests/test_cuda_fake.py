@@ -74,7 +74,8 @@ def test_streams_reuse_only_after_the_event_completes(python_subprocess, fake_dr
     assert out["deferred"] == 1 and "deferred" in out["states"]
     assert not out["q_is_p"] and not out["other_is_p"]
     assert out["released_early"] == 12 * MiB  # q's and other's segments, not p's
-    assert out["completed"] == 1 and out["r_is_p"]
+    # empty_cache's cuMemFree synchronized the device (as cudaFree does), which completed s2's event
+    assert out["completed"] == 0 and out["r_is_p"]
     assert out["used_before_free"] == 6 * MiB
     assert out["check"] == "" and out["upstream"] == "cuda" and out["via_module"]
 
@@ -220,3 +221,148 @@ def test_extension_upstreams_pinned_and_vmm_reach_the_fake(python_subprocess, fa
         """)
     assert out == {"host": 4 * MiB, "host_end": 0, "maps": 3, "maps_end": 0,
                    "names": ["cuda_pinned", "cuda_vmm"], "driver": True}
+
+
+# ---- hazards a GPU would hit (Note [Fake driver hazards] in tests/fake_driver/fake_cuda.cc) ----------------
+# Each of these failed on the library before issue 14 (see docs/cuda.md, "What was verified where").
+
+HAZARD_PRELUDE = """
+fake.fake_cuda_launch.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t]
+fake.fake_cuda_hazard_text.restype = ctypes.c_char_p
+fake.fake_cuda_capture_status.argtypes = [ctypes.c_uint64]
+fake.fake_cuda_device_of.argtypes = [ctypes.c_uint64]
+fake.fake_cuda_current_context.restype = ctypes.c_void_p
+fake.fake_cuda_calls.argtypes = [ctypes.c_char_p]
+fake.fake_cuda_calls.restype = ctypes.c_long
+fake.fake_cuda_inject.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_long]
+fake.cuStreamBeginCapture_v2.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib = tc._library()
+def failure(fn):
+    try:
+        fn()
+        return None
+    except Exception as e:  # the type and the message are what the tests check
+        return [type(e).__name__, str(e)]
+"""
+
+
+def run_h(python_subprocess, fake_driver, body: str) -> dict:
+    return run(python_subprocess, fake_driver, HAZARD_PRELUDE + textwrap.dedent(body))
+
+
+def test_empty_cache_unmaps_only_after_the_stream_has_passed(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        tc.configure(expandable_segments=True, reserve_mb=256)
+        a = tc.CudaAllocator(0)
+        s = 0x300
+        keep = a.allocate(2 * MiB, s)
+        p = a.allocate(8 * MiB, s)
+        fake.fake_cuda_launch(s, p, 8 * MiB)      # a kernel still reads the tensor when it is freed
+        a.free(p, s)
+        released = torchpool.empty_cache("cuda:0")
+        print(json.dumps({"released": released, "hazards": fake.fake_cuda_hazard_text().decode(),
+                          "pending": fake.fake_cuda_pending_work()}))
+        """)
+    assert out["released"] == 8 * MiB
+    assert out["hazards"] == "" and out["pending"] == 0
+
+
+def test_graph_capture_is_refused_with_a_clear_error_and_the_capture_survives(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        a = tc.CudaAllocator(0)
+        s = 0x400
+        a.free(a.allocate(MiB, s), s)             # a warm cache: the block could be handed out silently
+        res = {}
+        for mode in (0, 1, 2):                     # global, thread-local, relaxed
+            assert fake.cuStreamBeginCapture_v2(s, mode) == 0
+            res[mode] = {"warm": failure(lambda: a.allocate(MiB, s)), "cold": failure(lambda: a.allocate(64 * MiB, s)),
+                         "status": fake.fake_cuda_capture_status(s)}
+            g = ctypes.c_void_p()
+            res[mode]["end"] = fake.cuStreamEndCapture(ctypes.c_void_p(s), ctypes.byref(g))
+        after = a.allocate(MiB, s)                 # after the capture, allocation works again
+        print(json.dumps({"res": res, "after": after != 0, "check": a.check()}))
+        """)
+    for mode, r in out["res"].items():
+        for which in ("warm", "cold"):
+            name, msg = r[which]
+            assert name == "CudaGraphCaptureError", (mode, which, r)
+            assert "CUDA graph capture" in msg and "without torchpool.install(device='cuda')" in msg
+        assert r["status"] == 1 and r["end"] == 0  # the capture was not invalidated
+    assert out["after"] and out["check"] == ""
+
+
+def test_driver_errors_are_named_and_only_out_of_memory_is_an_oom(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        tc.configure(expandable_segments=True, reserve_mb=256)
+        a = tc.CudaAllocator(0)
+        a.free(a.allocate(MiB))
+        fake.fake_cuda_inject(b"cuMemCreate", 400, -1)      # CUDA_ERROR_INVALID_HANDLE, every call
+        invalid = failure(lambda: a.allocate(6 * MiB))
+        fake.fake_cuda_inject(b"cuMemCreate", 0, 0)
+        fake.fake_cuda_set_capacity(16 * MiB)
+        oom = failure(lambda: a.allocate(64 * MiB))
+        fake.fake_cuda_set_capacity(1 << 33)
+        fake.fake_cuda_set_sticky(700)                      # CUDA_ERROR_ILLEGAL_ADDRESS, as after a kernel fault
+        sticky = failure(lambda: a.allocate(MiB))
+        fake.fake_cuda_set_sticky(0)
+        print(json.dumps({"invalid": invalid, "oom": oom, "sticky": sticky, "ok": a.allocate(MiB) != 0}))
+        """)
+    name, msg = out["invalid"]
+    assert name == "RuntimeError" and "cuMemCreate: CUDA_ERROR_INVALID_HANDLE (400)" in msg and "out of memory" not in msg
+    name, msg = out["oom"]
+    assert name == "OutOfMemoryError" and "out of memory on cuda:0" in msg
+    name, msg = out["sticky"]
+    assert name == "RuntimeError" and "CUDA_ERROR_ILLEGAL_ADDRESS (700)" in msg and "restart" in msg
+    assert out["ok"]
+
+
+def test_a_throwing_handler_never_crosses_ctypes(python_subprocess, fake_driver):
+    # install() and mempool() hand the library a handler that throws C++ exceptions into torch's
+    # allocation call; Python's own calls must still raise Python exceptions, not abort the process.
+    out = run_h(python_subprocess, fake_driver, """
+        lib.torchpool_cuda_set_oom_handler(ctypes.c_void_p(torchpool._C._cuda_oom_handler()))
+        if hasattr(lib, "torchpool_cuda_set_error_handler"):
+            lib.torchpool_cuda_set_error_handler(ctypes.c_void_p(torchpool._C._cuda_error_handler()))
+        fake.fake_cuda_set_capacity(8 * MiB)
+        print(json.dumps({"oom": failure(lambda: tc.CudaAllocator(0).allocate(16 * MiB))}))
+        """)
+    assert out["oom"][0] == "OutOfMemoryError"
+
+
+def test_blocks_are_512_byte_aligned_as_pytorchs(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        a = tc.CudaAllocator(0)
+        ptrs = [a.allocate(n) for n in (1, 100, 513, 4000, 70000, 3 * MiB + 7)]
+        print(json.dumps({"mods": [p % 512 for p in ptrs], "gap": ptrs[1] - ptrs[0]}))
+        """)
+    assert out["mods"] == [0] * 6 and out["gap"] >= 512
+
+
+def test_no_cuinit_before_the_first_allocation_so_fork_works(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        loaded = lib.torchpool_cuda_driver().decode()       # what install() checks at import with cuda=1
+        tc.configure(max_reserved_ratio=0)
+        inits_at_load = fake.fake_cuda_calls(b"cuInit")
+        pid = os.fork()
+        if pid == 0:                                        # the child uses CUDA first
+            try:
+                ok = tc.CudaAllocator(0).allocate(MiB) != 0
+            except Exception:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"loaded": loaded == os.environ["TORCHPOOL_CUDA_DRIVER"], "inits_at_load": inits_at_load,
+                          "child_ok": os.waitstatus_to_exitcode(status) == 0}))
+        """)
+    assert out == {"loaded": True, "inits_at_load": 0, "child_ok": True}
+
+
+def test_the_callers_context_is_restored_and_memory_comes_from_the_device_asked_for(python_subprocess, fake_driver):
+    out = run_h(python_subprocess, fake_driver, """
+        fake.fake_cuda_set_context(1)                       # the thread works on device 1
+        before = fake.fake_cuda_current_context()
+        a0 = tc.CudaAllocator(0)
+        p = a0.allocate(4 * MiB)
+        print(json.dumps({"device": fake.fake_cuda_device_of(p), "restored": fake.fake_cuda_current_context() == before}))
+        """)
+    assert out == {"device": 0, "restored": True}

@@ -38,6 +38,13 @@ extern "C" void torchpool_cuda_throw_oom(const char* message) {
   TORCH_CHECK_WITH(OutOfMemoryError, false, message);
 }
 
+// Note [Driver errors] (csrc/cuda/torchpool_cuda.cc): kind 1 is an out-of-memory
+// (torch.OutOfMemoryError), anything else a RuntimeError with the driver call and error name.
+extern "C" void torchpool_cuda_throw_error(int kind, const char* message) {
+  if (kind == 1) TORCH_CHECK_WITH(OutOfMemoryError, false, message);
+  TORCH_CHECK(false, message);
+}
+
 }  // namespace
 
 TORCHPOOL_BINDINGS(20, cuda) {
@@ -69,6 +76,8 @@ TORCHPOOL_BINDINGS(20, cuda) {
   };
   m.def("_cuda_oom_handler", [] { return reinterpret_cast<uintptr_t>(&torchpool_cuda_throw_oom); },
         "Address of a void(const char*) that throws c10::OutOfMemoryError (for libtorchpool_cuda.so)");
+  m.def("_cuda_error_handler", [] { return reinterpret_cast<uintptr_t>(&torchpool_cuda_throw_error); },
+        "Address of a void(int kind, const char*) that throws c10::OutOfMemoryError (kind 1) or c10::Error");
   m.def("_cuda_driver", [] {
     std::string err;
     CudaDriver* d = CudaDriver::get(&err);

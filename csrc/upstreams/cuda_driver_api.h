@@ -21,7 +21,12 @@ constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
 constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_INITIALIZED = 3;
 constexpr CUresult CUDA_ERROR_NO_DEVICE = 100;
+constexpr CUresult CUDA_ERROR_INVALID_CONTEXT = 201;
 constexpr CUresult CUDA_ERROR_NOT_READY = 600;
+
+// CUstreamCaptureStatus, CUstreamCaptureMode
+constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
+constexpr int CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x1;
@@ -67,6 +72,10 @@ static_assert(sizeof(CUmemAccessDesc) == 12, "CUmemAccessDesc layout differs fro
   X(cuCtxGetCurrent, "cuCtxGetCurrent", (CUcontext*))                                                    \
   X(cuCtxSetCurrent, "cuCtxSetCurrent", (CUcontext))                                                     \
   X(cuGetErrorString, "cuGetErrorString", (CUresult, const char**))                                      \
+  X(cuGetErrorName, "cuGetErrorName", (CUresult, const char**))                                          \
+  X(cuDeviceCanAccessPeer, "cuDeviceCanAccessPeer", (int*, CUdevice, CUdevice))                          \
+  X(cuStreamIsCapturing, "cuStreamIsCapturing", (CUstream, int*))                                        \
+  X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode", (int*))                      \
   X(cuMemAlloc, "cuMemAlloc_v2", (CUdeviceptr*, size_t))                                                 \
   X(cuMemFree, "cuMemFree_v2", (CUdeviceptr))                                                            \
   X(cuMemGetInfo, "cuMemGetInfo_v2", (size_t*, size_t*))                                                 \

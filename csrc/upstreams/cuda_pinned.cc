@@ -11,16 +11,18 @@ std::shared_ptr<CudaPinnedUpstream> CudaPinnedUpstream::create(std::string* erro
 }
 
 void* CudaPinnedUpstream::map(size_t bytes, uint64_t /*stream*/) {
-  if (!drv_.ensure_context(device_)) return nullptr;
+  DriverScope scope(drv_, device_);
+  if (!scope.ok()) return nullptr;
   void* p = nullptr;
-  if (drv_.cuMemHostAlloc(&p, bytes, cu::CU_MEMHOSTALLOC_PORTABLE) != cu::CUDA_SUCCESS) return nullptr;
+  if (drv_.check("cuMemHostAlloc", drv_.cuMemHostAlloc(&p, bytes, cu::CU_MEMHOSTALLOC_PORTABLE)) != cu::CUDA_SUCCESS)
+    return nullptr;
   mapped_.fetch_add(bytes, std::memory_order_relaxed);
   return p;
 }
 
 void CudaPinnedUpstream::unmap(void* ptr, size_t bytes, uint64_t /*stream*/) {
-  drv_.ensure_context(device_);
-  drv_.cuMemFreeHost(ptr);
+  DriverScope scope(drv_, device_);
+  drv_.check("cuMemFreeHost", drv_.cuMemFreeHost(ptr));
   mapped_.fetch_sub(bytes, std::memory_order_relaxed);
 }
 

@@ -45,6 +45,15 @@ class CudaUnavailableError(RuntimeError):
     """torchpool cannot serve CUDA tensors in this process (no CUDA torch, no driver, too late)."""
 
 
+class CudaGraphCaptureError(RuntimeError):
+    """An allocation on a stream that is being captured into a CUDA graph (docs/cuda.md, Note [Graph
+    capture]): run graph capture without torchpool's CUDA allocator."""
+
+
+# Note [Driver errors] (csrc/cuda/torchpool_cuda.cc): why an allocation failed.
+_KIND_OOM, _KIND_DRIVER, _KIND_CAPTURE, _KIND_UNAVAILABLE = 1, 2, 3, 4
+
+
 def library_path() -> str:
     """Path of libtorchpool_cuda.so (next to the extension, also in an editable install)."""
     for d in (Path(_C.__file__).parent, Path(__file__).parent):
@@ -62,6 +71,9 @@ def _library() -> ctypes.CDLL:
             vp, i, ll, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_char_p
             sigs = {
                 "torchpool_cuda_alloc": (vp, [ctypes.c_ssize_t, i, vp]),
+                "torchpool_cuda_alloc_nothrow": (vp, [ctypes.c_ssize_t, i, vp, ctypes.POINTER(i)]),
+                "torchpool_cuda_last_error_kind": (i, []),
+                "torchpool_cuda_set_error_handler": (None, [vp]),
                 "torchpool_cuda_free": (None, [vp, ctypes.c_size_t, i, vp]),
                 "torchpool_cuda_configure": (i, [cp]),
                 "torchpool_cuda_last_error": (cp, []),
@@ -166,14 +178,21 @@ class CudaAllocator:
         if _library().torchpool_cuda_record_stream(ctypes.c_void_p(ptr), self.index, ctypes.c_void_p(stream)) != 0:
             raise ValueError(f"torchpool: address {ptr:#x} is not a live torchpool block on {self.device_name}")
 
-    # Raw access, for tests and tools that manage device memory themselves.
+    # Raw access, for tests and tools that manage device memory themselves.  Through the entry point
+    # that never throws (no C++ exception may cross ctypes): the failure's kind picks the exception.
     def allocate(self, nbytes: int, stream: int = 0) -> int:
         lib = _library()
-        p = lib.torchpool_cuda_alloc(nbytes, self.index, ctypes.c_void_p(stream))
+        kind = ctypes.c_int(0)
+        p = lib.torchpool_cuda_alloc_nothrow(nbytes, self.index, ctypes.c_void_p(stream), ctypes.byref(kind))
         if not p:
-            if not lib.torchpool_cuda_has_allocator(self.index):  # no driver: not an out-of-memory
-                raise CudaUnavailableError(_last_error())
-            raise torch.OutOfMemoryError(_last_error())
+            msg = _last_error()
+            if kind.value == _KIND_UNAVAILABLE:  # no driver: not an out-of-memory
+                raise CudaUnavailableError(msg)
+            if kind.value == _KIND_CAPTURE:
+                raise CudaGraphCaptureError(msg)
+            if kind.value == _KIND_DRIVER:
+                raise RuntimeError(msg)
+            raise torch.OutOfMemoryError(msg)
         return p
 
     def free(self, ptr: int, stream: int = 0) -> None:
@@ -208,8 +227,12 @@ def _check_cuda_available() -> None:
     driver = _library().torchpool_cuda_driver().decode()
     if driver.startswith("error: "):
         raise CudaUnavailableError(driver[len("error: "):])
-    if not torch.cuda.is_available():
-        raise CudaUnavailableError("torchpool: torch finds no usable CUDA device (torch.cuda.is_available() is False)")
+    # Not torch.cuda.is_available(): without PYTORCH_NVML_BASED_CUDA_CHECK it calls cudaGetDeviceCount,
+    # which runs cuInit, and a process that forks after cuInit leaves its children no usable CUDA.
+    # device_count() asks NVML first; the driver itself is initialised at the first allocation
+    # (Note [Reaching the driver]).
+    if torch.cuda.device_count() <= 0:
+        raise CudaUnavailableError("torchpool: torch finds no CUDA device (torch.cuda.device_count() is 0)")
 
 
 def install(device="cuda", **options) -> CudaAllocator:
@@ -230,7 +253,7 @@ def install(device="cuda", **options) -> CudaAllocator:
             "torchpool: CUDA is already initialised in this process, and PyTorch cannot swap an allocator "
             f"that has been used. {_WHAT_TO_DO}")
     configure(**options)
-    _library().torchpool_cuda_set_oom_handler(ctypes.c_void_p(_C._cuda_oom_handler()))
+    _library().torchpool_cuda_set_error_handler(ctypes.c_void_p(_C._cuda_error_handler()))
     alloc = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "torchpool_cuda_alloc", "torchpool_cuda_free")
     try:
         torch.cuda.memory.change_current_allocator(alloc)
@@ -266,7 +289,7 @@ def mempool(**options):
     _check_cuda_available()
     if options:
         configure(**options)
-    _library().torchpool_cuda_set_oom_handler(ctypes.c_void_p(_C._cuda_oom_handler()))
+    _library().torchpool_cuda_set_error_handler(ctypes.c_void_p(_C._cuda_error_handler()))
     alloc = torch.cuda.memory.CUDAPluggableAllocator(library_path(), "torchpool_cuda_alloc", "torchpool_cuda_free")
     return torch.cuda.MemPool(alloc.allocator())
 
