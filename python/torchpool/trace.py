@@ -4,6 +4,10 @@
         train_step()
     trace = torchpool.trace.load("run.tptrace")        # also RMM CSV logs and PyTorch snapshot pickles
 
+Loading never runs anything a file names (snapshots go through a restricted unpickler, Note
+[Restricted unpickler]) and never holds more than TraceLimits allows (Note [Trace limits]); every
+field is checked and any problem is a TraceFormatError naming the file, record/line/event and field.
+
 The trace file format (version 1)
 ---------------------------------
 A gzip stream (so ``zcat`` and any gzip library read it) holding, in order:
@@ -326,23 +330,41 @@ def load(path: str | os.PathLike, name: str | None = None, limits: TraceLimits |
     Nothing in the file is executed: snapshots are read by a restricted unpickler."""
     path = Path(path)
     limits = limits or DEFAULT_LIMITS
-    data = _read(path, limits)
-    if data.startswith(MAGIC):
-        trace = _load_native(path, data, limits)
-    elif data[:1] == b"\x80":  # pickle protocol 2+
-        trace = import_pytorch_snapshot(path, data=data, limits=limits)
-    elif data.lstrip().removeprefix(b"\xef\xbb\xbf")[:6].lower() == b"thread":
-        trace = import_rmm_csv(path, data=data, limits=limits)
-    else:
-        raise TraceFormatError(f"{path}: unknown trace format: not a torchpool trace (magic {MAGIC!r}), "
-                               "an RMM CSV log (header 'Thread,Time,Action,Pointer,Size,Stream') or a PyTorch "
-                               "memory snapshot pickle")
+    trace = _parse(path, _read(path, limits), limits)
     if name:
         trace.header["name"] = name
     if not isinstance(trace.header.get("name"), str) or not trace.header.get("name"):
-        trace.header["name"] = path.name.split(".")[0]
+        trace.header["name"] = path.name.split(".")[0] or "trace"
     trace.path = str(path)
     return trace
+
+
+def loads(data: bytes, name: str | None = None, limits: TraceLimits | None = None, path: str = "<bytes>") -> Trace:
+    """load() of a file's contents (gzip-compressed or not); errors name `path`."""
+    limits = limits or DEFAULT_LIMITS
+    data = bytes(data)
+    if len(data) > limits.max_bytes:
+        raise _limit_error(path, f"the data (more than {limits.max_bytes} bytes)", "max_bytes", limits.max_bytes)
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip(path, data, limits.max_bytes)
+    trace = _parse(path, data, limits)
+    if name:
+        trace.header["name"] = name
+    if not isinstance(trace.header.get("name"), str) or not trace.header.get("name"):
+        trace.header["name"] = "trace"
+    return trace
+
+
+def _parse(path, data: bytes, limits: TraceLimits) -> Trace:
+    if data.startswith(MAGIC):
+        return _load_native(path, data, limits)
+    if data[:1] == b"\x80":  # pickle protocol 2+
+        return import_pytorch_snapshot(path, data=data, limits=limits)
+    if data.lstrip().removeprefix(b"\xef\xbb\xbf")[:6].lower() == b"thread":
+        return import_rmm_csv(path, data=data, limits=limits)
+    raise TraceFormatError(f"{path}: unknown trace format: not a torchpool trace (magic {MAGIC!r}), "
+                           "an RMM CSV log (header 'Thread,Time,Action,Pointer,Size,Stream') or a PyTorch "
+                           "memory snapshot pickle")
 
 
 # ---- importers ----------------------------------------------------------------------------------
@@ -494,7 +516,8 @@ class _SnapshotUnpickler(pickle.Unpickler):
     """Note [Restricted unpickler]."""
 
     def find_class(self, module, name):
-        fn = _SAFE_GLOBALS.get((module, name))
+        # protocol <= 2 spells builtins as Python 2's __builtin__ (the default find_class maps it)
+        fn = _SAFE_GLOBALS.get(("builtins" if module == "__builtin__" else module, name))
         if fn is None:
             raise _RefusedGlobal(str(module)[:100], str(name)[:100])
         return fn
