@@ -242,3 +242,23 @@ def test_bench_cli_hostile_files_exit_2_without_traceback(tmp_path):
                             "--allocators", "torchpool", "--repeats", "1"], capture_output=True, text=True)
         assert r.returncode == 2, (name, r.stderr)
         assert "Traceback" not in r.stderr and str(p) in r.stderr, (name, r.stderr)
+
+
+def test_memo_index_does_not_allocate(python_subprocess):
+    # fuzz_trace.py's first finding: LONG_BINPUT 808215909 made the C unpickler allocate 12 GiB
+    code = """
+import resource, sys
+sys.path.insert(0, %r)
+import hostile_traces as H
+from torchpool import trace as T
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for name in ("snapshot_memo_index", "snapshot_binbytes8_huge"):
+    try:
+        T.loads(H.cases()[name][0])
+    except T.TraceFormatError:
+        pass
+print("grew_mib", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+""" % str(Path(__file__).parent / "fuzz")
+    r = python_subprocess(code)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 200, r.stdout

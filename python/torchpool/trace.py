@@ -93,7 +93,7 @@ class TraceLimits:
     max_bytes: int = 1 << 30          # decompressed bytes of one trace file
     max_events: int = 1 << 25         # records / CSV rows / snapshot events of one trace
     max_header_bytes: int = 64 << 20  # the JSON header line of a torchpool trace
-    max_pickle_bytes: int = 256 << 20  # a PyTorch memory snapshot pickle (decompressed)
+    max_pickle_bytes: int = 128 << 20  # a PyTorch memory snapshot pickle (decompressed)
 
     def __post_init__(self):
         for f in ("max_bytes", "max_events", "max_header_bytes", "max_pickle_bytes"):
@@ -487,12 +487,17 @@ _PT_IGNORED = {"free_requested", "snapshot", "empty_cache", "user_defined"}
 # Rationale: a pickle runs whatever callable its GLOBAL/REDUCE opcodes name (os.system, eval, ...);
 # pickle.loads of a file someone hands us is code execution.  PyTorch's memory snapshots hold only
 # dicts, lists, tuples, str, int, float, bool and None, which pickle writes with opcodes that name no
-# global.  Approach: a pickle.Unpickler whose find_class admits only a few builtin data types that
-# older protocols spell as globals (set, frozenset, bytearray, complex, OrderedDict, and
-# _codecs.encode with latin-1, protocol 2's spelling of bytes) and refuses every other global before
-# anything is imported or called; persistent ids are refused too.  The file never reaches
-# pickle.loads.  Limitation: unpickled objects still cost memory, bounded by max_pickle_bytes (Note
-# [Trace limits]).
+# global.  Approach: an unpickler whose find_class admits only a few builtin data types that older
+# protocols spell as globals (set, frozenset, bytearray, complex, OrderedDict, and _codecs.encode
+# with latin-1, protocol 2's spelling of bytes) and refuses every other global before anything is
+# imported or called; persistent ids are refused too.  The file never reaches pickle.loads.
+# It subclasses the pure-Python pickle._Unpickler, not the C one: the C unpickler sizes its memo
+# array by the largest index a PUT names, so a 5-byte LONG_BINPUT 808215909 made it allocate and
+# clear 12 GiB (found by tests/fuzz/fuzz_trace.py; corpus file snapshot_memo_index); the Python one
+# keeps the memo in a dict and reads every length-prefixed argument from the data it has.  It is
+# about 3x slower (a 16 MB snapshot of 100k events: ~4 s here against ~1.5 s).
+# Limitation: unpickled objects still cost memory, several times the pickle (up to ~40x for
+# crafted ones), bounded through max_pickle_bytes (Note [Trace limits]).
 def _latin1_encode(obj, encoding="utf-8", errors="strict"):
     if encoding not in ("latin1", "latin-1") or not isinstance(obj, str):
         raise pickle.UnpicklingError(f"refused global _codecs.encode with encoding {encoding!r}")
@@ -512,7 +517,7 @@ class _RefusedGlobal(pickle.UnpicklingError):
         self.global_name = f"{module}.{name}"
 
 
-class _SnapshotUnpickler(pickle.Unpickler):
+class _SnapshotUnpickler(pickle._Unpickler):
     """Note [Restricted unpickler]."""
 
     def find_class(self, module, name):

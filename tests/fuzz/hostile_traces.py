@@ -89,6 +89,9 @@ def cases() -> dict[str, tuple[bytes, str]]:
     c["snapshot_mixed_keys"] = (pickle.dumps({1: 2, "a": 3}), r"not a PyTorch memory snapshot")
     c["snapshot_not_dict"] = (pickle.dumps([1, 2, 3]), r"not a PyTorch memory snapshot")
     c["snapshot_deep_nesting"] = (deep_pickle(100_000), r"device_traces\[0\]\[0\] is not an event dict")
+    # found by fuzz_trace.py: a memo index of 808215909 made the C unpickler allocate 12 GiB
+    c["snapshot_memo_index"] = (b"\x80\x04]\x94r\x65\x65\x2c\x30.", r"not a PyTorch memory snapshot")
+    c["snapshot_binbytes8_huge"] = (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"ab.", r"not a readable pickle")
     c["snapshot_truncated"] = (snapshot([ev()])[:-7], r"not a readable pickle")
     # item 9 / item 5: native records and header
     c["native_size_2_64_minus_100"] = (native([record(0, size=big), record(1, size=big)]),
