@@ -453,14 +453,14 @@ def import_rmm_csv(path: str | os.PathLike, text: str | None = None, *, data: by
                     day += 24 * 3600 * 10**9  # Note [RMM log time]: past midnight
                 t += day if clock else 0
                 ptr = row[col["Pointer"]].strip()
-                if op == OPS["oom"]:
-                    addr = 0
+                if op == OPS["oom"] or (op == OPS["free"] and ptr == "(nil)"):
+                    addr = 0  # printf's %p of a null pointer; a free of null frees nothing
                 else:
                     addr = _parse_uint(ptr, "Pointer")
                 size = _parse_uint(row[col["Size"]], "Size",
                                    MAX_ALLOC_BYTES if op != OPS["oom"] else _U64)
                 st = row[col["Stream"]].strip()
-                stream = _parse_uint(st, "Stream") if st else 0
+                stream = _parse_uint(st, "Stream") if st and st != "(nil)" else 0  # %p of the default stream
             except ValueError as e:
                 raise TraceFormatError(f"{path}:{lineno}: cannot parse {','.join(row)[:200]!r}: {e}") from None
             t0 = t if t0 is None else t0
