@@ -71,16 +71,6 @@ def _byte_count(text: str) -> int:
     return v
 
 
-def _reexec_for_jemalloc() -> None:
-    # jemalloc uses initial-exec TLS: dlopen needs spare static TLS, which only a process start can grant.
-    if os.environ.get("TORCHPOOL_BENCH_REEXEC") or "optional_static_tls" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    env = dict(os.environ, TORCHPOOL_BENCH_REEXEC="1")
-    tun = env.get("GLIBC_TUNABLES", "")
-    env["GLIBC_TUNABLES"] = (tun + ":" if tun else "") + "glibc.rtld.optional_static_tls=16384"
-    os.execve(sys.executable, [sys.executable, "-m", "torchpool", *sys.argv[1:]], env)
-
-
 def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0, snapshots: bool = False,
         limits=None, max_replay_bytes: int | None = None):
     from . import replay, trace
@@ -113,9 +103,6 @@ def format_rows(rows: list[dict], skipped: dict[str, str] | None = None) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.bench != "fragmentation":
         return 2
-    if not args.trace and args.allocators is None or (args.allocators and "jemalloc" in args.allocators):
-        if sys.argv[1:2] == ["bench"]:
-            _reexec_for_jemalloc()
     from . import replay
 
     names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
