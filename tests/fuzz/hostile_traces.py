@@ -159,7 +159,7 @@ def replay_cases() -> dict[str, bytes]:
         "replay_glibc_3gib": native([record(0, addr=0x1000 * (i + 1), size=1 << 30) for i in range(3)]),
         # more distinct streams than the replay accepts
         "replay_many_streams": gzip.compress(native([record(0, addr=0x1000 * (i + 1), size=64, stream=i)
-                                                     for i in range(70_000)]), 9),
+                                                     for i in range(70_000)]), 9, mtime=0),
     }
 
 
@@ -187,7 +187,7 @@ def large_seeds() -> dict[str, bytes]:
     return {
         "large_native": native(recs, {"stacks": stacks, "event_stacks": [[k, k % 50] for k in range(0, 2000, 7)],
                                       "meta": {"workload": "seed"}}),
-        "large_native_gz": gzip.compress(native(recs), 6),
+        "large_native_gz": gzip.compress(native(recs), 6, mtime=0),
         "large_rmm": rmm(*rows),
         "large_snapshot_p4": snapshot(events, protocol=4),
         "large_snapshot_p2": snapshot(events[:400], protocol=2),
