@@ -81,3 +81,52 @@ def test_trace_cost_script_prints_the_three_modes():
     with_stack, allocs = rows["trace+stacks"][8].split("/")
     assert 0 < int(with_stack) <= int(allocs)
     assert int(rows["trace"][7]) > 0  # events recorded
+
+
+def test_plot_is_readable(tmp_path):
+    # issue 13: legends covered the data, 11 default-coloured thin lines, identical series hid each
+    # other, segment maps on different x scales with 7-pt text, unmapped ranges not shown.
+    pytest.importorskip("matplotlib")
+    from torchpool import plots
+
+    tl_a = [(0, 10 << 20, 20 << 20), (50, 30 << 20, 40 << 20), (99, 0, 40 << 20)]
+    tl_b = [(0, 10 << 20, 22 << 20), (50, 30 << 20, 60 << 20), (99, 0, 60 << 20)]
+    seg_small = [{"address": 1 << 40, "total_size": 2 << 20, "extent": 2 << 20,
+                  "blocks": [{"address": 1 << 40, "size": 1 << 20, "requested_size": 1000, "state": "allocated"},
+                             {"address": (1 << 40) + (1 << 20), "size": 1 << 20, "requested_size": 0, "state": "free",
+                              "mapped_size": 1 << 20}]} for _ in range(12)]
+    seg_exp = [{"address": 1 << 41, "total_size": 8 << 20, "extent": 32 << 20,
+                "blocks": [{"address": 1 << 41, "size": 8 << 20, "requested_size": 8 << 20, "state": "allocated"},
+                           {"address": (1 << 41) + (8 << 20), "size": 24 << 20, "requested_size": 0, "state": "free",
+                            "mapped_size": 0}]}]
+
+    def row(name, tl, segs=None):
+        return {"trace": "t", "allocator": name, "peak_live_bytes": 30 << 20, "peak_reserved_bytes": max(x[2] for x in tl),
+                "_extra": {"timeline": tl, "segments_at_peak": segs or [], "peak_reserved_op": 50}}
+
+    rows = [row("torchpool", tl_a, seg_small), row("torchpool-nolimit", tl_a), row("pytorch", tl_b, seg_exp),
+            row("glibc", tl_b[:2] + [(99, 0, 61 << 20)])]
+    fig = plots.plot_timelines(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    timeline = fig.axes[0]
+    labels = [ln.get_label() for ln in timeline.get_lines()]
+    # identical series drawn once, named together; every other series its own line
+    assert labels[0].startswith("live") and "torchpool = torchpool-nolimit, peak 40 MiB" in labels
+    assert sum("pytorch" in x for x in labels) == 1 and any(x.startswith("glibc") for x in labels)
+    styles = [(ln.get_color(), str(ln.get_linestyle())) for ln in timeline.get_lines()[1:]]
+    assert len(set(styles)) == len(styles) and all(ln.get_linewidth() >= 1.4 for ln in timeline.get_lines())
+    # the legend lies outside the data area
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the figure comes back closed
+    canvas.draw()
+    r = canvas.get_renderer()
+    leg = timeline.get_legend().get_window_extent(r)
+    assert leg.x0 >= timeline.get_window_extent(r).x1
+    # segment maps: one scale for the trace, text >= 9 pt, unmapped bytes drawn (hatched)
+    maps = [a for a in fig.axes[1:] if a.axison]
+    assert len(maps) == 2 and maps[0].get_xlim() == maps[1].get_xlim()
+    assert all(t.get_fontsize() >= 9 for a in maps for t in [a.title, a.xaxis.label] + a.get_xticklabels())
+    hatched = [c for c in maps[1].collections if c.get_hatch()]
+    assert hatched and sum(p.get_extents().width for c in hatched for p in c.get_paths()) > 0
+    assert not [c for c in maps[0].collections if c.get_hatch()]

@@ -122,3 +122,43 @@ def test_glibc_reserved_covers_live_memory():
     big = _trace(lambda s: [24 * MiB, 40 * MiB], steps=3)
     (r,) = R.replay(big, ["glibc"], repeats=1)
     assert r["peak_reserved_bytes"] >= r["peak_live_bytes"], r
+
+
+_SYSTEM_LIBS = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4", "mimalloc": "libmimalloc.so.2"}
+_APT = "apt-get install libjemalloc2 libgoogle-perftools4 libmimalloc2.0"
+
+
+def _installed(lib: str) -> bool:
+    import ctypes.util
+    import glob
+
+    return bool(ctypes.util.find_library(lib.split(".so")[0].removeprefix("lib"))) or bool(
+        glob.glob(f"/usr/lib/*/{lib}*") + glob.glob(f"/lib/*/{lib}*"))
+
+
+@pytest.mark.parametrize("name", ["jemalloc", "tcmalloc", "mimalloc"])
+def test_installed_system_allocators_are_not_skipped(name):
+    # Note [Static TLS for system allocators]: jemalloc could not be dlopen'ed after torch ("cannot
+    # allocate memory in static TLS block") and was skipped on every fresh machine.
+    if not _installed(_SYSTEM_LIBS[name]):
+        pytest.skip(f"{name} is not installed ({_APT})")
+    ok, skipped = R.available([name])
+    assert ok == [name], skipped
+    t = _trace(lambda s: [8 * MiB, 100_000, 5000], steps=3)
+    (r,) = R.replay(t, [name], repeats=1)
+    assert r["allocator"] == name and r["peak_reserved_bytes"] >= r["peak_live_bytes"] > 0, r
+    assert r["ops_per_s"] > 0
+
+
+def test_bench_cli_runs_jemalloc_with_a_given_trace(tmp_path):
+    if not _installed("libjemalloc.so.2"):
+        pytest.skip(f"jemalloc is not installed ({_APT})")
+    import json
+    import subprocess
+    import sys
+
+    p = T.save(_trace(lambda s: [3 * MiB, 1000], steps=2), tmp_path / "t.tptrace.gz")
+    r = subprocess.run([sys.executable, "-m", "torchpool", "bench", "fragmentation", "--trace", str(p), "--json",
+                        "--repeats", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "jemalloc" in [row["allocator"] for row in json.loads(r.stdout)]

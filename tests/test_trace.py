@@ -200,3 +200,37 @@ def test_pytorch_snapshot_errors(tmp_path):
     p.write_bytes(b"\x80\x04broken pickle")
     with pytest.raises(T.TraceFormatError, match="not a readable pickle"):
         T.load(p)
+
+
+# What RMM's logging_resource_adaptor writes (rmm/mr/detail/logging_resource_adaptor_impl.cpp): the
+# header line alone, then the pattern "%t,%H:%M:%S.%f,%v" (thread id, wall-clock time of day with
+# microseconds) around "allocate,%p,%zu,%s", "free,%p,%zu,%s" and "allocate failure,%p,%zu,%s" with a
+# null pointer, which glibc's %p prints as (nil).  Two threads, streams 0x2 and 0, past midnight.
+RMM_REAL_LOG = """Thread,Time,Action,Pointer,Size,Stream
+1979932,23:59:59.998533,allocate,0x30a000000,256,0x2
+1979932,23:59:59.999001,allocate,0x30a000200,1048576,0x2
+1980043,23:59:59.999870,allocate failure,(nil),85899345920,0x2
+1979932,00:00:00.000120,free,0x30a000000,256,0x2
+1980043,00:00:00.661875,allocate,0x30a100200,4096,0
+1980043,00:00:01.000000,free,0x30a000200,1048576,0x2
+1980043,00:00:01.500000,free,0x30a100200,4096,0
+"""
+
+
+def test_import_rmm_log_as_rmm_writes_it(tmp_path):
+    p = tmp_path / "rmm_log.csv"
+    p.write_text(RMM_REAL_LOG)
+    t = T.load(p)
+    assert list(t.records["op"]) == [0, 0, 4, 1, 0, 1, 1]
+    assert t.records["addr"][0] == 0x30A000000 and t.records["size"][2] == 85899345920
+    assert list(t.records["stream"]) == [2, 2, 2, 2, 0, 2, 0]
+    # microseconds since the first event, across midnight
+    assert list(t.records["time_ns"]) == [0, 468_000, 1_337_000, 1_587_000, 663_342_000, 1_001_467_000, 1_501_467_000]
+    assert list(t.live_bytes()) == [256, 1048832, 1048832, 1048576, 1052672, 4096, 0]
+    from torchpool import replay as R
+
+    [row] = R.replay(t, ["pytorch"], repeats=1)
+    assert row["peak_live_bytes"] == 1048576 + 4096 and row["_extra"]["ops"] == 6
+    # the older HH:MM:SS:microseconds spelling reads the same
+    p.write_text(RMM_REAL_LOG.replace("23:59:59.998533", "23:59:59:998533"))
+    assert T.load(p).records["time_ns"][1] == 468_000

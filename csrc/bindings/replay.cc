@@ -67,6 +67,12 @@ struct PyReplayTrace {
 }  // namespace
 
 TORCHPOOL_BINDINGS(40, replay) {
+  // Note [Replay input bounds]: both are ValueErrors; torchpool.replay turns them into
+  // TraceFormatError / TraceLimitError naming the trace.
+  py::register_exception<ReplayInputError>(m, "ReplayInputError", PyExc_ValueError);
+  py::register_exception<ReplayLimitError>(m, "ReplayLimitError", PyExc_ValueError);
+  m.attr("replay_max_alloc_bytes") = kMaxReplayAllocBytes;
+  m.attr("replay_default_max_system_bytes") = kDefaultMaxSystemBytes;
   m.def("replay_allocators", [] {
     py::list out;
     for (const auto& a : allocators()) {
@@ -106,11 +112,13 @@ TORCHPOOL_BINDINGS(40, replay) {
         d["final_live_bytes"] = t.trace.final_live_bytes;
         return d;
       })
-      .def("measure", [](const PyReplayTrace& t, const std::string& name, size_t timeline_points, size_t sample_every) {
+      .def("measure", [](const PyReplayTrace& t, const std::string& name, size_t timeline_points, size_t sample_every,
+                         uint64_t max_system_bytes) {
              const AllocatorInfo& a = lookup(name);
              MeasureOptions o;
              o.timeline_points = timeline_points;
              o.sample_every = sample_every;
+             o.max_system_bytes = max_system_bytes;
              Result r;
              {
                py::gil_scoped_release nogil;
@@ -118,12 +126,13 @@ TORCHPOOL_BINDINGS(40, replay) {
              }
              return result_dict(r);
            }, py::arg("allocator"), py::arg("timeline_points") = 0, py::arg("sample_every") = 64,
+           py::arg("max_system_bytes") = kDefaultMaxSystemBytes,
            "One measured pass on a fresh allocator (Note [Measures] in csrc/replay/replay.h)")
-      .def("time", [](const PyReplayTrace& t, const std::string& name, int repeats) {
+      .def("time", [](const PyReplayTrace& t, const std::string& name, int repeats, uint64_t max_system_bytes) {
              const AllocatorInfo& a = lookup(name);
              py::gil_scoped_release nogil;
-             return time_ops(a, t.trace, repeats);
-           }, py::arg("allocator"), py::arg("repeats") = 3, "Seconds of the fastest of `repeats` timed passes")
+             return time_ops(a, t.trace, repeats, max_system_bytes);
+           }, py::arg("allocator"), py::arg("repeats") = 3, py::arg("max_system_bytes") = kDefaultMaxSystemBytes, "Seconds of the fastest of `repeats` timed passes")
       .def("snapshot_at", [](const PyReplayTrace& t, const std::string& name, uint64_t op) {
              const AllocatorInfo& a = lookup(name);
              MeasureOptions o;

@@ -69,7 +69,7 @@ PytorchPolicy::Blk* PytorchPolicy::expand(size_t size, uint64_t stream, bool sma
     s->stream = stream;
     s->small = small;
     s->expandable = true;
-    next_base_ += uintptr_t{1} << 40;  // the reserved virtual range
+    next_base_ += uintptr_t{1} << 44;  // the reserved virtual range (> kMaxReplayLiveBytes: Note [Replay input bounds])
     seg = s.get();
     segments_.push_back(std::move(s));
   }

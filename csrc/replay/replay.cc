@@ -14,17 +14,27 @@ namespace torchpool::replay {
 
 // ---- compile: Note [Replay slots] -----------------------------------------------------------------
 
+namespace {
+
+std::string record_error(size_t i, const char* field, uint64_t value, const std::string& why) {
+  return "record " + std::to_string(i) + ": field '" + field + "' is " + std::to_string(value) + ": " + why +
+         " (Note [Replay input bounds])";
+}
+
+}  // namespace
+
 CompiledTrace compile(const TraceEvent* events, size_t n) {
   CompiledTrace t;
   t.ops.reserve(n);
   std::unordered_map<uint64_t, std::pair<uint32_t, uint64_t>> live;  // addr -> (slot, size)
   live.reserve(1024);
+  std::unordered_map<uint64_t, char> streams;
   std::vector<uint32_t> spare;
-  uint64_t live_bytes = 0;
+  uint64_t live_bytes = 0, total_bytes = 0;
   auto emit_free = [&](uint32_t slot, uint64_t size, uint64_t stream) {
     t.ops.push_back({size, stream, slot, 1});
     spare.push_back(slot);
-    live_bytes -= size;
+    live_bytes -= size;  // size was added when the slot was allocated: no underflow
     ++t.frees;
   };
   for (size_t i = 0; i < n; ++i) {
@@ -35,22 +45,38 @@ CompiledTrace compile(const TraceEvent* events, size_t n) {
         ++t.ignored_events;
         continue;
       }
+      if (size > kMaxReplayAllocBytes)
+        throw ReplayInputError(record_error(i, e.requested ? "requested" : "size", size,
+                                            "an allocation of more than 1 TiB (" + std::to_string(kMaxReplayAllocBytes) + ")"));
+      if (streams.size() < kMaxReplayStreams) streams.emplace(e.stream, 0);
+      else if (!streams.count(e.stream))
+        throw ReplayInputError(record_error(i, "stream", e.stream,
+                                            "more than " + std::to_string(kMaxReplayStreams) + " distinct streams"));
       if (auto it = live.find(e.addr); it != live.end()) {
         ++t.reused_live_addresses;
         emit_free(it->second.first, it->second.second, e.stream);
         live.erase(it);
       }
+      uint64_t new_live = 0, new_total = 0;
+      if (__builtin_add_overflow(live_bytes, size, &new_live) || new_live > kMaxReplayLiveBytes)
+        throw ReplayInputError(record_error(i, "size", size, "live bytes would exceed " + std::to_string(kMaxReplayLiveBytes)));
+      if (__builtin_add_overflow(total_bytes, size, &new_total) || new_total > kMaxReplayTotalBytes)
+        throw ReplayInputError(record_error(i, "size", size, "the trace would allocate more than " +
+                                                                 std::to_string(kMaxReplayTotalBytes) + " bytes in all"));
       uint32_t slot;
       if (!spare.empty()) {
         slot = spare.back();
         spare.pop_back();
       } else {
+        if (t.num_slots == UINT32_MAX)
+          throw ReplayInputError("record " + std::to_string(i) + ": more than 2^32 - 1 blocks live at once");
         slot = t.num_slots++;
       }
       live.emplace(e.addr, std::make_pair(slot, size));
       t.ops.push_back({size, e.stream, slot, 0});
       ++t.allocs;
-      live_bytes += size;
+      live_bytes = new_live;
+      total_bytes = new_total;
       if (live_bytes > t.peak_live_bytes) {
         t.peak_live_bytes = live_bytes;
         t.peak_live_op = t.ops.size() - 1;
@@ -193,9 +219,19 @@ void require(const AllocatorInfo& alloc) {
 
 }  // namespace
 
+void check_system_limit(const AllocatorInfo& alloc, const CompiledTrace& trace, uint64_t max_system_bytes) {
+  if (alloc.kind == "system" && trace.peak_live_bytes > max_system_bytes)
+    throw ReplayLimitError("replaying this trace against " + alloc.name + " would write " +
+                           std::to_string(trace.peak_live_bytes) + " bytes of real memory (its peak live bytes), more than "
+                           "the limit max_replay_bytes=" + std::to_string(max_system_bytes) +
+                           " (Note [Replay input bounds]); if you mean it, raise it: torchpool.replay.replay(..., "
+                           "max_replay_bytes=N) or `torchpool bench fragmentation --max-replay-bytes N`");
+}
+
 Result measure(const AllocatorInfo& alloc, const CompiledTrace& trace, const MeasureOptions& opt,
                std::unique_ptr<Adapter>* keep) {
   require(alloc);
+  check_system_limit(alloc, trace, opt.max_system_bytes);
   std::unique_ptr<Adapter> a = alloc.make();
   Result r;
   r.allocator = alloc.name;
@@ -263,8 +299,9 @@ Result measure(const AllocatorInfo& alloc, const CompiledTrace& trace, const Mea
   return r;
 }
 
-double time_ops(const AllocatorInfo& alloc, const CompiledTrace& trace, int repeats) {
+double time_ops(const AllocatorInfo& alloc, const CompiledTrace& trace, int repeats, uint64_t max_system_bytes) {
   require(alloc);
+  check_system_limit(alloc, trace, max_system_bytes);
   double best = 1e300;
   std::vector<void*> ptr(trace.num_slots, nullptr);
   for (int rep = 0; rep < std::max(1, repeats); ++rep) {

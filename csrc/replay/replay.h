@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,34 @@
 #include "../core/trace.h"
 
 namespace torchpool::replay {
+
+// Note [Replay input bounds]
+// ---------------------------
+// Rationale: a trace is a file; sizes near 2^64 wrapped the live-byte sums (utilization 8.8e12) and
+// overflowed the allocators' rounding, and a 145-byte trace made the glibc replay write 2.3 GB.
+// Approach: compile() checks every size where it enters, with checked arithmetic: a block of at
+// most kMaxReplayAllocBytes (1 TiB, more than any device or host holds in one tensor), live bytes
+// at most kMaxReplayLiveBytes, the sum of every allocation at most kMaxReplayTotalBytes (the fake
+// upstreams' address counters never wrap), at most kMaxReplayStreams distinct streams (the
+// emulation reserves a range per stream) and fewer than 2^32 slots; anything else is a
+// ReplayInputError naming the record and the field.  Replays that write real memory (system
+// allocators: Note [Measuring system allocators]) are refused when the trace's peak live bytes
+// exceed MeasureOptions::max_system_bytes (ReplayLimitError naming the limit); torchpool modes
+// and the emulation run on fake addresses and write nothing.
+constexpr uint64_t kMaxReplayAllocBytes = uint64_t{1} << 40;
+constexpr uint64_t kMaxReplayLiveBytes = uint64_t{1} << 42;
+constexpr uint64_t kMaxReplayTotalBytes = uint64_t{1} << 60;
+constexpr uint64_t kMaxReplayStreams = 1u << 16;
+constexpr uint64_t kDefaultMaxSystemBytes = uint64_t{2} << 30;
+
+// A trace the replay refuses (Note [Replay input bounds]); the message names record and field.
+struct ReplayInputError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+// A replay that would exceed a limit (Note [Replay input bounds]); the message names the limit.
+struct ReplayLimitError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 struct Op {
   uint64_t size;    // bytes requested (alloc) / the matching alloc's request (free)
@@ -72,6 +101,7 @@ struct CompiledTrace {
 };
 
 // Events in recording order. Alloc uses `requested` (or `size` when requested is 0).
+// Throws ReplayInputError for what Note [Replay input bounds] refuses.
 CompiledTrace compile(const TraceEvent* events, size_t n);
 
 class Adapter {
@@ -147,6 +177,9 @@ struct MeasureOptions {
   uint64_t stop_after_op = UINT64_MAX;  // stop after this op (snapshot at a moment), keep blocks live
   size_t sample_every = 64;     // Note [Sampling] in system.h: for allocators with costly stats
   size_t sample_bytes = 256u << 10;
+  // System allocators write every page they hand out: refuse traces whose peak live bytes exceed this
+  // (Note [Replay input bounds]).
+  uint64_t max_system_bytes = kDefaultMaxSystemBytes;
 };
 
 // One measured pass on a fresh adapter. If `keep` is given it receives the adapter after the pass
@@ -156,6 +189,10 @@ Result measure(const AllocatorInfo& alloc, const CompiledTrace& trace, const Mea
 
 // Seconds of the fastest of `repeats` timed passes (each on a fresh adapter, every live block freed
 // after the pass and not timed).
-double time_ops(const AllocatorInfo& alloc, const CompiledTrace& trace, int repeats);
+double time_ops(const AllocatorInfo& alloc, const CompiledTrace& trace, int repeats,
+                uint64_t max_system_bytes = kDefaultMaxSystemBytes);
+
+// Throws ReplayLimitError when `alloc` writes real memory and the trace's peak live bytes exceed the limit.
+void check_system_limit(const AllocatorInfo& alloc, const CompiledTrace& trace, uint64_t max_system_bytes);
 
 }  // namespace torchpool::replay

@@ -39,26 +39,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--json", action="store_true", help="print one JSON list of rows instead of the table")
     f.add_argument("--plot", default=None, metavar="OUT.png", help="draw live vs reserved bytes over time and each allocator's segment map at its peak")
     f.add_argument("--repeats", type=int, default=3, help="timed passes per allocator (fastest counts)")
+    # Note [Trace limits] (trace.py) and Note [Replay input bounds] (csrc/replay/replay.h).
+    from .trace import DEFAULT_LIMITS
+
+    lim = f.add_argument_group("limits (what a trace file may make torchpool allocate)")
+    lim.add_argument("--max-trace-bytes", type=_byte_count, default=DEFAULT_LIMITS.max_bytes, metavar="N",
+                     help=f"most bytes a trace may decompress to (default {fmt_bytes(DEFAULT_LIMITS.max_bytes)})")
+    lim.add_argument("--max-trace-events", type=_byte_count, default=DEFAULT_LIMITS.max_events, metavar="N",
+                     help=f"most events of one trace (default {DEFAULT_LIMITS.max_events})")
+    lim.add_argument("--max-trace-header-bytes", type=_byte_count, default=DEFAULT_LIMITS.max_header_bytes, metavar="N",
+                     help=f"most bytes of a torchpool trace's JSON header (default {fmt_bytes(DEFAULT_LIMITS.max_header_bytes)})")
+    lim.add_argument("--max-trace-pickle-bytes", type=_byte_count, default=DEFAULT_LIMITS.max_pickle_bytes, metavar="N",
+                     help=f"most bytes of a PyTorch snapshot pickle (default {fmt_bytes(DEFAULT_LIMITS.max_pickle_bytes)})")
+    lim.add_argument("--max-replay-bytes", type=_byte_count, default=None, metavar="N",
+                     help="most real memory a replay against a system allocator may write (default 2 GiB)")
 
 
-def _reexec_for_jemalloc() -> None:
-    # jemalloc uses initial-exec TLS: dlopen needs spare static TLS, which only a process start can grant.
-    if os.environ.get("TORCHPOOL_BENCH_REEXEC") or "optional_static_tls" in os.environ.get("GLIBC_TUNABLES", ""):
-        return
-    env = dict(os.environ, TORCHPOOL_BENCH_REEXEC="1")
-    tun = env.get("GLIBC_TUNABLES", "")
-    env["GLIBC_TUNABLES"] = (tun + ":" if tun else "") + "glibc.rtld.optional_static_tls=16384"
-    os.execve(sys.executable, [sys.executable, "-m", "torchpool", *sys.argv[1:]], env)
+def _byte_count(text: str) -> int:
+    """An integer, optionally with a K/M/G/T suffix (powers of 1024): 512M, 4G, 1073741824."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t[-1:] in ("K", "M", "G", "T"):
+        mult = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        v = int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 4G, 512M, 1073741824)") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return v
 
 
-def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0, snapshots: bool = False):
+def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0, snapshots: bool = False,
+        limits=None, max_replay_bytes: int | None = None):
     from . import replay, trace
 
     ok, skipped = replay.available(names)
     rows = []
     for path in traces:
-        t = trace.load(path)
-        rows += replay.replay(t, ok, repeats=repeats, timeline_points=timeline, snapshots=snapshots)
+        t = trace.load(path, limits=limits)
+        rows += replay.replay(t, ok, repeats=repeats, timeline_points=timeline, snapshots=snapshots,
+                              max_replay_bytes=max_replay_bytes)
     return rows, skipped
 
 
@@ -81,9 +103,6 @@ def format_rows(rows: list[dict], skipped: dict[str, str] | None = None) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.bench != "fragmentation":
         return 2
-    if not args.trace and args.allocators is None or (args.allocators and "jemalloc" in args.allocators):
-        if sys.argv[1:2] == ["bench"]:
-            _reexec_for_jemalloc()
     from . import replay
 
     names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
@@ -96,9 +115,13 @@ def main(args: argparse.Namespace) -> int:
     if not traces:
         print(f"torchpool bench: no traces given and none in {suite_dir()}", file=sys.stderr)
         return 2
+    from .trace import TraceLimits
+
+    limits = TraceLimits(max_bytes=args.max_trace_bytes, max_events=args.max_trace_events,
+                         max_header_bytes=args.max_trace_header_bytes, max_pickle_bytes=args.max_trace_pickle_bytes)
     try:
         rows, skipped = run(traces, names, args.repeats, timeline=400 if args.plot else 0,
-                            snapshots=bool(args.plot))
+                            snapshots=bool(args.plot), limits=limits, max_replay_bytes=args.max_replay_bytes)
     except ValueError as e:
         print(f"torchpool bench: {e}", file=sys.stderr)
         return 2

@@ -222,3 +222,47 @@ TEST_CASE("unknown allocators are not found; system allocators say why they are 
   for (const auto& a : allocators())
     if (!a.available) CHECK(!a.unavailable_reason.empty());
 }
+
+TEST_CASE("compile refuses sizes the replay cannot honour (Note [Replay input bounds])") {
+  for (uint64_t size : {UINT64_MAX, UINT64_MAX - 99, uint64_t{1} << 62, kMaxReplayAllocBytes + 1}) {
+    std::vector<TraceEvent> t = {ev(TraceOp::kAlloc, 0x1000, size), ev(TraceOp::kFree, 0x1000, size)};
+    CHECK_THROWS_AS(compile(t.data(), t.size()), ReplayInputError);
+  }
+  // Live bytes and the total are checked sums: five 1-TiB blocks pass the per-block bound, not the live one.
+  std::vector<TraceEvent> t;
+  for (uint64_t i = 0; i < 5; ++i) t.push_back(ev(TraceOp::kAlloc, 0x1000 * (i + 1), kMaxReplayAllocBytes));
+  try {
+    compile(t.data(), t.size());
+    FAIL("no error");
+  } catch (const ReplayInputError& e) {
+    CHECK(std::string(e.what()).find("record 4") != std::string::npos);
+  }
+  // Allocating and freeing 1 TiB over and over: the total is bounded too.
+  t.clear();
+  for (uint64_t i = 0; i < (kMaxReplayTotalBytes / kMaxReplayAllocBytes) + 1; ++i) {
+    t.push_back(ev(TraceOp::kAlloc, 0x1000, kMaxReplayAllocBytes));
+    t.push_back(ev(TraceOp::kFree, 0x1000, kMaxReplayAllocBytes));
+  }
+  CHECK_THROWS_AS(compile(t.data(), t.size()), ReplayInputError);
+  // The largest block replays on fake addresses with exact numbers.
+  std::vector<TraceEvent> ok = {ev(TraceOp::kAlloc, 0x1000, kMaxReplayAllocBytes), ev(TraceOp::kAlloc, 0x2000, 4096),
+                                ev(TraceOp::kFree, 0x1000, kMaxReplayAllocBytes)};
+  CompiledTrace c = compile(ok.data(), ok.size());
+  CHECK(c.peak_live_bytes == kMaxReplayAllocBytes + 4096);
+  for (const char* name : {"torchpool", "torchpool-expandable", "pytorch", "pytorch-expandable"}) {
+    Result r = measure(*find_allocator(name), c);
+    CHECK(r.peak_live_bytes == kMaxReplayAllocBytes + 4096);
+    CHECK(r.peak_reserved_bytes >= r.peak_live_bytes);
+    CHECK(r.ooms == 0);
+  }
+}
+
+TEST_CASE("system allocators refuse traces past max_system_bytes") {
+  std::vector<TraceEvent> t = {ev(TraceOp::kAlloc, 0x1000, 3 * MiB), ev(TraceOp::kFree, 0x1000, 3 * MiB)};
+  CompiledTrace c = compile(t.data(), t.size());
+  AllocatorInfo sys{"fake-system", "system", "", true, "", nullptr};
+  CHECK_THROWS_AS(check_system_limit(sys, c, MiB), ReplayLimitError);
+  CHECK_NOTHROW(check_system_limit(sys, c, 4 * MiB));
+  AllocatorInfo tp{"torchpool", "torchpool", "", true, "", nullptr};
+  CHECK_NOTHROW(check_system_limit(tp, c, MiB));  // fake addresses: nothing written
+}
