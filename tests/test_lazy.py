@@ -41,7 +41,7 @@ def test_budgeted_forward_equals_unbudgeted(ckpt, mode):
     budget = int(layer_bytes * 1.5)
     m_b = torchpool.load_lazily(lambda: TinyLlama(**CFG), idx, budget_bytes=budget, mode=mode)
     assert torchpool.lazy.stats(m_b)["checkpoint"]["bytes_read"] == 0  # nothing read before the forward
-    assert next(m_b.parameters()).device.type == "meta"
+    assert torchpool.lazy.is_unloaded(next(m_b.parameters()))  # not loaded (its device says where it will be)
     with torch.no_grad():
         out_all = m_all(_ids())
         out_b = m_b(_ids())
@@ -91,8 +91,14 @@ def test_reports_like_load_state_dict(tmp_path):
         ref.load_state_dict(sd)
     assert msg.splitlines()[0] == str(ref_err.value).splitlines()[0] == "Error(s) in loading state_dict for Sequential:"
     assert 'Missing key(s) in state_dict: "1.weight", "1.bias".' in msg and 'Unexpected key(s) in state_dict: "extra".' in msg
-    m = torchpool.load_lazily(model, path, strict=False)
+    with pytest.raises(RuntimeError, match=r"the checkpoint lacks are on the meta device: 1.weight, 1.bias"):
+        torchpool.load_lazily(model, path, strict=False)  # built on meta: they would be garbage
+    with pytest.warns(UserWarning, match=r"missing \(left as built\): 1.weight, 1.bias; unexpected \(not loaded\): extra"):
+        m = torchpool.load_lazily(model(), path, strict=False)  # built real: kept as built
     assert torchpool.lazy.binding(m).missing_keys == ["1.weight", "1.bias"]
+    assert torchpool.lazy.binding(m).unexpected_keys == ["extra"]
+    m(torch.ones(1, 3))
+    assert torch.equal(m[0].weight, sd["0.weight"]) and m[1].weight.device.type == "cpu"
 
     path2 = write_file(tmp_path / "s.safetensors", {"weight": torch.randn(5, 3), "bias": torch.randn(4)})
     with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape torch.Size\(\[5, 3\]\)"):
