@@ -256,6 +256,19 @@ def test_dtype_mismatch_says_pass_dtype(saved):
     assert lazy32.dtype == torch.float32 and torch.equal(_forward(lazy32), _forward(ref))
 
 
+def test_quantized_checkpoint_is_refused(saved, tmp_path):
+    import json
+    d = tmp_path / "q"
+    d.mkdir()
+    cfg = json.loads((saved["llama"] / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    for f in saved["llama"].glob("*.safetensors*"):
+        (d / f.name).symlink_to(f)
+    with pytest.raises(NotImplementedError, match=r"quantized checkpoint \(quant_method 'bitsandbytes'\)"):
+        torchpool.from_pretrained(AutoModelForCausalLM, d)
+
+
 def test_transformers_is_optional():
     from conftest import run_python
     code = ("import sys; sys.modules['transformers'] = None\n"

@@ -141,6 +141,13 @@ def from_pretrained(model_class_or_auto_class, path, *, budget_bytes: int | None
         config = transformers.AutoConfig.from_pretrained(path, **config_kwargs)
     else:
         config = cls.config_class.from_pretrained(path, **config_kwargs)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise NotImplementedError(
+            f"torchpool.from_pretrained: {path / 'config.json'} describes a quantized checkpoint (quant_method "
+            f"{method!r}); transformers' quantizers replace modules and convert weights while loading, which a lazy "
+            "binding of stored tensors does not do. Load it with transformers' own from_pretrained.")
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     if dtype is None:
