@@ -142,6 +142,9 @@ def test_generate_under_budget_keeps_ties(saved):
     assert torchpool.lazy.is_unloaded(w) and w is model.model.embed_tokens.weight and w.device.type == "cpu"
     with pytest.raises(RuntimeError, match=r"'model.embed_tokens.weight' that are not loaded"):
         torch.nn.functional.linear(torch.ones(1, 64), w)
+    with pytest.raises(RuntimeError, match=r"'model.embed_tokens.weight' that are not loaded"):
+        torch.nn.functional.embedding(IDS, w.data)  # .data keeps the guard
+    assert "UnloadedTensor(key='model.embed_tokens.weight'" in repr(w)
     torchpool.lazy.materialize(model, [model.lm_head])
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
 

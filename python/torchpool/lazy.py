@@ -98,7 +98,7 @@ def init_empty_weights():
         def register_parameter(module, name, param):
             original(module, name, param)
             p = module._parameters.get(name)
-            if p is not None and p.device.type != "meta":
+            if p is not None and not isinstance(p, _Unloaded) and p.device.type != "meta":
                 kwargs = dict(p.__dict__)
                 kwargs.pop("_is_param", None)
                 new = type(p)(p.to("meta"), requires_grad=p.requires_grad) if type(p) is torch.nn.Parameter \
@@ -140,7 +140,12 @@ class _Unloaded(torch.Tensor):
                 return {"device": dev, "is_meta": dev.type == "meta", "is_cpu": dev.type == "cpu",
                         "is_cuda": dev.type == "cuda"}[attr]
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+            if attr == "data" and isinstance(self, _Unloaded) and isinstance(out, torch.Tensor):
+                if type(out) is not _Unloaded:  # a plain meta tensor would compute garbage: keep the guard
+                    out = torch.Tensor._make_subclass(_Unloaded, out, False)
+                out.__dict__.update({k: v for k, v in self.__dict__.items() if k.startswith("_tp_")})
+            return out
         if func in _ALLOWED_METHODS:
             if func is torch.Tensor.type and (len(args) > 1 or kwargs):
                 pass  # a conversion: refused below
