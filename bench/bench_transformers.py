@@ -162,8 +162,9 @@ def main():
         return xs[len(xs) // 2]
 
     print(f"cold = {method}; every variant generated the same tokens\n")
-    print("| variant | usable s | first token s | peak RSS MiB | peak anon MiB | peak file MiB | tokens/s | notes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | usable s | first token s | peak RSS MiB | above baseline MiB | peak anon MiB | peak file MiB | "
+          "tokens/s | notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         r = runs[v][len(runs[v]) // 2]
         notes = [f"baseline RSS {r['base_rss'] / mib:.0f} MiB", f"resident before {r['resident_before']:.0%}"]
@@ -171,7 +172,9 @@ def main():
             notes.append(f"peak resident weights {r['peak_resident'] / mib:.0f} MiB, {r['evictions']} evictions")
         if a.repeats > 1:
             notes.append("first token s: " + "/".join(f"{x['ttft_s']:.2f}" for x in runs[v]))
+        above = med(v, 'peak_rss') - r['base_rss']
         print(f"| {v} | {med(v, 'usable_s'):.3f} | {med(v, 'ttft_s'):.2f} | {med(v, 'peak_rss') / mib:.0f} | "
+              f"{above / mib:.0f} | "
               f"{med(v, 'peak_anon') / mib:.0f} | {med(v, 'peak_file') / mib:.0f} | {med(v, 'tokens_per_s'):.1f} | "
               f"{'; '.join(notes)} |")
     hf = "transformers"
@@ -180,6 +183,9 @@ def main():
           f"transformers / torchpool(budget) = {med(hf, 'ttft_s') / med('torchpool_budget', 'ttft_s'):.2f}x")
     print(f"peak RSS: torchpool / transformers = {med('torchpool', 'peak_rss') / med(hf, 'peak_rss'):.2f}, "
           f"torchpool(budget) / transformers = {med('torchpool_budget', 'peak_rss') / med(hf, 'peak_rss'):.2f}")
+    above = {v: med(v, "peak_rss") - runs[v][0]["base_rss"] for v in variants}
+    print(f"peak RSS above the imports' baseline: torchpool / transformers = {above['torchpool'] / above[hf]:.2f}, "
+          f"torchpool(budget) / transformers = {above['torchpool_budget'] / above[hf]:.2f}")
     print(f"tokens/s: torchpool / transformers = {med('torchpool', 'tokens_per_s') / med(hf, 'tokens_per_s'):.2f}, "
           f"torchpool(budget) / transformers = {med('torchpool_budget', 'tokens_per_s') / med(hf, 'tokens_per_s'):.2f}")
 
