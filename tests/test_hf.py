@@ -307,3 +307,14 @@ def test_readme_recipe(saved, tmp_path, monkeypatch, name):
     gen = ref.generate(ns["input_ids"], max_new_tokens=ns["out"].shape[1] - ns["input_ids"].shape[1], do_sample=False)
     assert torch.equal(ns["out"], gen)
     assert torch.equal(ns["logits"], want)
+
+
+def test_base_model_prefix_is_stripped(saved):
+    # a LlamaForCausalLM checkpoint ("model.layers...", lm_head tied so not stored) into the base LlamaModel
+    ref = AutoModel.from_pretrained(saved["llama"]).eval()
+    model = torchpool.from_pretrained(AutoModel, saved["llama"], budget_bytes=_weights_bytes(ref) // 4)
+    assert type(model).__name__ == "LlamaModel"
+    with torch.no_grad():
+        want = ref(IDS).last_hidden_state
+        assert torch.equal(model(IDS).last_hidden_state, want) and torch.equal(model(IDS).last_hidden_state, want)
+    assert torchpool.lazy.binding(model).unexpected_keys == []

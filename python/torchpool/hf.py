@@ -56,19 +56,20 @@ def _transformers():
 def key_rules(model) -> dict:
     """What ``load_lazily`` needs to know about a transformers model (Note [Transformers key rules])."""
     _transformers()
-    from transformers.core_model_loading import WeightConverter, rename_source_key
-
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        transforms = get_model_conversion_mapping(model)
-    except Exception:  # older transformers: no conversion mapping
-        transforms = []
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers < 5: no conversion mapping; names as stored, ties by identity
+        get_model_conversion_mapping = rename_source_key = None
+    transforms = get_model_conversion_mapping(model) if get_model_conversion_mapping is not None else []
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     expected = {k: True for k in model.state_dict(keep_vars=True)}
     prefix = getattr(model, "base_model_prefix", "") or None
 
     def key_map(ck_name: str) -> str:
+        if rename_source_key is None:
+            return ck_name
         new, conv = rename_source_key(ck_name, renamings, converters, prefix, expected)
         if conv is not None:
             raise NotImplementedError(
