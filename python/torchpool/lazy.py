@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import re
 import threading
 import warnings
@@ -258,6 +259,7 @@ class LazyBinding:
         self.handles = []
         self.mode = "auto"
         self.verified: set[str] = set()
+        self.read_ahead_done = False
         self.missing_keys: list[str] = []
         self.unexpected_keys: list[str] = []
         self.ignored_keys: list[str] = []
@@ -268,11 +270,39 @@ class LazyBinding:
     def bound(self):
         return self.unit_of
 
+    def _read_ahead(self):
+        """No budget: every bound tensor will be resident, so on the first load the kernel is asked to
+        read the bound byte ranges of every shard ahead (``posix_fadvise(WILLNEED)``, asynchronous):
+        later modules find their pages cached instead of each faulting its own cold reads one after
+        another (the first token of a cold model)."""
+        self.read_ahead_done = True
+        if not hasattr(os, "posix_fadvise") or self.device.type != "cpu":
+            return
+        ranges: dict[int, list[int]] = {}
+        for u in self.units:
+            for t in u.tensors:
+                i = self.ck.info(t.key)
+                lo_hi = ranges.setdefault(i.shard, [i.offset, i.offset + i.nbytes])
+                lo_hi[0], lo_hi[1] = min(lo_hi[0], i.offset), max(lo_hi[1], i.offset + i.nbytes)
+        for shard, (lo, hi) in ranges.items():
+            try:
+                fd = os.open(self.ck.shard_paths[shard], os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     # ---- hooks ----
     def _pre(self, module, args):
         u = self.unit_of[id(module)]
         u.active += 1
         try:
+            if self.budget_bytes is None and not self.read_ahead_done:
+                self._read_ahead()
             if not u.resident:
                 self._make_room(u)
                 self._load(u)
