@@ -41,7 +41,7 @@ def test_budgeted_forward_equals_unbudgeted(ckpt, mode):
     budget = int(layer_bytes * 1.5)
     m_b = torchpool.load_lazily(lambda: TinyLlama(**CFG), idx, budget_bytes=budget, mode=mode)
     assert torchpool.lazy.stats(m_b)["checkpoint"]["bytes_read"] == 0  # nothing read before the forward
-    assert next(m_b.parameters()).device.type == "meta"
+    assert torchpool.lazy.is_unloaded(next(m_b.parameters()))  # not loaded (its device says where it will be)
     with torch.no_grad():
         out_all = m_all(_ids())
         out_b = m_b(_ids())
@@ -91,8 +91,14 @@ def test_reports_like_load_state_dict(tmp_path):
         ref.load_state_dict(sd)
     assert msg.splitlines()[0] == str(ref_err.value).splitlines()[0] == "Error(s) in loading state_dict for Sequential:"
     assert 'Missing key(s) in state_dict: "1.weight", "1.bias".' in msg and 'Unexpected key(s) in state_dict: "extra".' in msg
-    m = torchpool.load_lazily(model, path, strict=False)
+    with pytest.raises(RuntimeError, match=r"the checkpoint lacks are on the meta device: 1.weight, 1.bias"):
+        torchpool.load_lazily(model, path, strict=False)  # built on meta: they would be garbage
+    with pytest.warns(UserWarning, match=r"missing \(left as built\): 1.weight, 1.bias; unexpected \(not loaded\): extra"):
+        m = torchpool.load_lazily(model(), path, strict=False)  # built real: kept as built
     assert torchpool.lazy.binding(m).missing_keys == ["1.weight", "1.bias"]
+    assert torchpool.lazy.binding(m).unexpected_keys == ["extra"]
+    m(torch.ones(1, 3))
+    assert torch.equal(m[0].weight, sd["0.weight"]) and m[1].weight.device.type == "cpu"
 
     path2 = write_file(tmp_path / "s.safetensors", {"weight": torch.randn(5, 3), "bias": torch.randn(4)})
     with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape torch.Size\(\[5, 3\]\)"):
@@ -130,3 +136,58 @@ def test_exception_in_forward_does_not_pin_modules(tmp_path):
     assert torchpool.lazy.binding(m).bound[id(m)].active == 0
     assert torchpool.lazy.stats(m)["over_budget"] == 1  # larger than the budget alone: counted, still loaded
     assert m(torch.ones(2, 3)).shape == (2, 4)
+
+
+class TiedLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.mid = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight  # one Parameter under two names
+        self.register_buffer("scale", torch.full((8,), 0.5), persistent=False)
+
+    def forward(self, ids):
+        return self.head(self.mid(self.emb(ids)) * self.scale)
+
+
+def test_tied_weights_bound_once_and_kept_under_budget(tmp_path):
+    torch.manual_seed(1)
+    real = TiedLM()
+    sd = {k: v for k, v in real.state_dict().items() if k != "head.weight"}  # stored once, as HF does
+    path = write_file(tmp_path / "t.safetensors", sd)
+    ids = torch.tensor([[1, 2, 3, 15]])
+    want = real(ids)
+    per = 16 * 8 * 4
+    m = torchpool.load_lazily(TiedLM, path, budget_bytes=per + 8 * 8 * 4 + 8 * 4 - 1)
+    b = torchpool.lazy.binding(m)
+    assert b.tied == {"emb.weight": ["emb.weight", "head.weight"]} and b.missing_keys == []
+    assert m.scale.device.type == "cpu"  # built under init_empty_weights: buffers real
+    for _ in range(3):
+        assert torch.equal(m(ids), want)
+        assert m.head.weight is m.emb.weight
+    s = torchpool.lazy.stats(m)
+    assert s["evictions"] >= 2 and s["bound_units"] == 2 and s["peak_resident_bytes"] <= b.budget_bytes
+    # load + assign with the same rules
+    m2 = torchpool.load_into(TiedLM, path)
+    assert m2.head.weight is m2.emb.weight and torch.equal(m2(ids), want)
+    # a checkpoint that stores both names with different values: the model ties what the file does not
+    bad = dict(sd, **{"head.weight": torch.randn(16, 8)})
+    path2 = write_file(tmp_path / "bad.safetensors", bad)
+    m3 = torchpool.load_lazily(TiedLM, path2)
+    with pytest.raises(RuntimeError, match="ties emb.weight, head.weight .* stores 'emb.weight' and 'head.weight' with different"):
+        m3(ids)
+    same = dict(sd, **{"head.weight": sd["emb.weight"].clone()})
+    m4 = torchpool.load_lazily(TiedLM, write_file(tmp_path / "same.safetensors", same))
+    assert torch.equal(m4(ids), want)
+
+
+def test_legacy_buffer_key_skipped_and_reported(tmp_path):
+    torch.manual_seed(2)
+    real = TiedLM()
+    sd = {k: v for k, v in real.state_dict().items() if k != "head.weight"}
+    sd["scale"] = torch.full((8,), 0.5)  # an old checkpoint that still stores a now non-persistent buffer
+    path = write_file(tmp_path / "l.safetensors", sd)
+    m = torchpool.load_lazily(TiedLM, path)
+    assert torchpool.lazy.binding(m).ignored_keys == ["scale"]
+    assert torch.equal(m(torch.tensor([[3]])), real(torch.tensor([[3]])))
