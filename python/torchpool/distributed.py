@@ -104,7 +104,8 @@ class HFStorageReader(StorageReader):
             self._ck = Checkpoint(self.path, **self._ck_options)
         return self._ck
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+    def read_metadata(self) -> Metadata:
+        # no **kwargs: DCP would call it again with rank= after a failure (the rank-local fallback)
         ck = self.checkpoint()
         sd_md: dict[str, TensorStorageMetadata] = {}
         storage: dict[MetadataIndex, str] = {}
