@@ -194,3 +194,84 @@ def test_readme_recipe(tmp_path):
     ref = LlamaForCausalLM.from_pretrained(llama)
     for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+# ---------------------------------------------------------------- one process: the box reader itself
+def _boxes_ck(tmp_path):
+    from checkpoint_gen import write_file
+
+    g = torch.Generator().manual_seed(11)
+    tensors = {
+        "m": torch.randn(37, 53, generator=g).to(torch.bfloat16),
+        "cube": torch.randn(5, 7, 9, generator=g),
+        "wide": torch.randn(3, 40000, generator=g).to(torch.float16),  # rows of 80 KB: runs above gather_below
+        "vec": torch.arange(11, dtype=torch.int64),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+    }
+    return write_file(tmp_path / "boxes.safetensors", tensors), tensors
+
+
+@pytest.mark.parametrize("mode", ["auto", "pread", "map", "staged"])
+def test_read_boxes_every_geometry_and_path(tmp_path, mode):
+    """Random boxes of 0- to 3-d tensors, into float32 / same-dtype / transposed destinations, against
+    plain indexing of the tensors; the requested counter is exactly the boxes' bytes."""
+    import random
+
+    import torchpool
+    from torchpool._ranges import Box, read_boxes
+
+    path, tensors = _boxes_ck(tmp_path)
+    rnd = random.Random(0)
+    with torchpool.open_checkpoint(path) as ck:
+        for _ in range(60):
+            name = rnd.choice(sorted(tensors))
+            src = tensors[name]
+            start, stop = [], []
+            for n in src.shape:
+                a = rnd.randrange(0, n + 1)
+                b = rnd.randrange(a, n + 1)
+                start.append(a)
+                stop.append(b)
+            want = src[tuple(slice(a, b) for a, b in zip(start, stop))]
+            kind = rnd.choice(["same", "float32", "transposed"])
+            if kind == "same":
+                t = torch.full_like(want, 1)
+            elif kind == "float32":
+                t = torch.full(want.shape, 1.0)
+            else:
+                t = torch.full(tuple(reversed(want.shape)), 1, dtype=src.dtype).T if want.dim() == 2 else torch.full_like(want, 1)
+            st = read_boxes(ck, [Box(name, start, stop, t)], mode=mode, gather_below=rnd.choice([0, 64 << 10]))
+            assert torch.equal(t, want.to(t.dtype)), (name, start, stop, kind)
+            assert st.requested == want.numel() * src.element_size()
+        with pytest.raises(ValueError, match="outside tensor 'm'"):
+            read_boxes(ck, [Box("m", [0, 0], [38, 53], torch.empty(38, 53))])
+        with pytest.raises(ValueError, match="destination has shape"):
+            read_boxes(ck, [Box("m", [0, 0], [2, 2], torch.empty(3, 2))])
+        with pytest.raises(KeyError):
+            read_boxes(ck, [Box("nope", [0], [1], torch.empty(1))])
+
+
+def test_reader_without_process_group(tmp_path):
+    """dcp.load in one process (no process group): plain tensors, a dtype conversion, checkpoint_id=
+    through reset(), validate_checkpoint_id, and an unknown key in the state dict."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from torchpool.distributed import HFStorageReader
+
+    sd = llama_like(layers=1, hidden=32, inter=48, vocab=40, dtype=torch.bfloat16, seed=2)
+    idx = write_sharded(tmp_path / "ck", sd, 2)
+    assert HFStorageReader.validate_checkpoint_id(idx) and HFStorageReader.validate_checkpoint_id(idx.parent)
+    assert not HFStorageReader.validate_checkpoint_id(tmp_path)
+    target = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in sd.items()}
+    reader = HFStorageReader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=idx, storage_reader=reader)
+        for k, v in sd.items():
+            assert torch.equal(target[k], v.float()), k
+        assert reader.bytes_requested == sum(v.nbytes for v in sd.values())
+        with pytest.raises(BaseException, match="lm_head.bias"):
+            dcp.load({"lm_head.bias": torch.zeros(3)}, storage_reader=HFStorageReader(idx))
