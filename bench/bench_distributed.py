@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 READERS = ("dcp", "torchpool", "pread")
+VARIANTS = ("torchpool-map", "torchpool-16")  # optional: HFStorageReader(mode="map"), readers=16
 
 
 def proc_io() -> dict:
@@ -127,14 +128,16 @@ def worker(a):
         else:
             from torchpool.distributed import HFStorageReader
 
-            reader = HFStorageReader(str(idx), readers=a.threads)
+            mode = "map" if a.reader == "torchpool-map" else "auto"
+            threads = 16 if a.reader == "torchpool-16" else a.threads
+            reader = HFStorageReader(str(idx), readers=threads, mode=mode)
         io0 = proc_io()
         dist.barrier()
         t0 = time.perf_counter()
         dcp.load(sd, storage_reader=reader)
         dist.barrier()
         t1 = time.perf_counter()
-        if a.reader == "torchpool":
+        if a.reader.startswith("torchpool"):
             res["requested"] = reader.bytes_requested
             res["stats"] = reader.stats()
         # spot check: one local shard against safetensors (after the clock)
@@ -182,7 +185,7 @@ def main():
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "torchpool_bench_dist_ck")
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS)
+    ap.add_argument("--readers", nargs="+", default=list(READERS), choices=READERS + VARIANTS)
     ap.add_argument("--threads", type=int, default=8, help="torchpool's reader threads, and pread's, per rank")
     ap.add_argument("--dcp-threads", type=int, default=8, help="HuggingFaceStorageReader(thread_count=)")
     ap.add_argument("--layout", choices=("shard0", "tp"), default="shard0")

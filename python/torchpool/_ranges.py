@@ -107,8 +107,12 @@ def _geometry(shape, start, stop, elem):
 
 
 def read_boxes(ck, boxes: list[Box], *, mode: str = "auto", gather_below: int = GATHER_BELOW,
-               readers: int | None = None) -> RangeStats:
-    """Fill every box's target from the checkpoint (Note [Reading a box]); returns the byte counters."""
+               readers: int | None = None, drop_mapped: bool = False) -> RangeStats:
+    """Fill every box's target from the checkpoint (Note [Reading a box]); returns the byte counters.
+
+    ``drop_mapped``: after a box is copied out of the mapping, drop this process's page-table entries
+    of its whole pages (RSS; the page cache keeps the data). Only for a checkpoint object that hands
+    out no views (a write to a view copies its page privately, and dropping it would undo the write)."""
     if mode not in PATHS:
         raise ValueError(f"mode must be one of {PATHS}, not {mode!r}")
     ck._check_open()
@@ -156,13 +160,13 @@ def read_boxes(ck, boxes: list[Box], *, mode: str = "auto", gather_below: int = 
                  for i, dt, shape, a, b, _n, _r, _f, _bd, t in pread_items]
         st.pread += _C.read_slices(items, readers)
     if map_items:
-        _read_mapped(ck, map_items, readers, st)
+        _read_mapped(ck, map_items, readers, st, drop_mapped)
     if staged:
         _read_staged(ck, staged, readers, gather_below, st)
     return st
 
 
-def _read_mapped(ck, items, readers, st: RangeStats):
+def _read_mapped(ck, items, readers, st: RangeStats, drop_mapped: bool):
     ops = []
     for info, _dt, _shape, _a, _b, _n, _r, first, bound, t in items:
         ops.append((ck.shards[info.shard], info.offset + first, bound, 0, info.name))
@@ -174,6 +178,8 @@ def _read_mapped(ck, items, readers, st: RangeStats):
     for info, _dt, _shape, a, b, _n, _r, _f, _bd, t in items:
         src = ck._view(info)[tuple(slice(x, y) for x, y in zip(a, b))]
         t.copy_(src)  # the gather, and the dtype conversion in the same pass
+        if drop_mapped:
+            ck.shards[info.shard].drop_mapped(info.offset + _f, _bd)
 
 
 def _read_staged(ck, items, readers, gather_below, st: RangeStats):

@@ -146,7 +146,8 @@ class HFStorageReader(StorageReader):
             target = planner.resolve_tensor(req).detach()
             boxes.append(Box(fqn, off, [a + b for a, b in zip(off, ln)], target))
             reqs.append((req, target))
-        self._stats.add(read_boxes(ck, boxes, mode=self.mode, gather_below=self.gather_below))
+        # drop_mapped: this reader's checkpoint hands out no views, so its mapped pages can leave RSS
+        self._stats.add(read_boxes(ck, boxes, mode=self.mode, gather_below=self.gather_below, drop_mapped=True))
         for req, target in reqs:
             planner.commit_tensor(req, target)
         fut: Future = Future()
