@@ -35,7 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 READERS = ("dcp", "torchpool", "pread")
-VARIANTS = ("torchpool-map", "torchpool-16")  # optional: HFStorageReader(mode="map"), readers=16
+VARIANTS = ("torchpool-map", "torchpool-16", "pread-c")  # optional: HFStorageReader(mode="map"), readers=16,
+# and "pread-c": the same ranges as "pread" read by torchpool's C++ reader threads (_C.read_direct, 8 MiB
+# pieces) into one touched buffer per rank: parallel pread without Python threads, DCP or planning
 
 
 def proc_io() -> dict:
@@ -61,7 +63,33 @@ def worker(a):
     idx = Path(a.index)
     files = sorted({idx.parent / v for v in json.loads(idx.read_text())["weight_map"].values()})
     res = {"rank": rank}
-    if a.reader == "pread":
+    if a.reader == "pread-c":
+        import torch
+
+        import torchpool  # noqa: F401
+        from torchpool import _C
+
+        shards = {p: _C.Shard(str(p)) for p in files}
+        spans = []
+        for p in files:
+            n = p.stat().st_size
+            per = -(-n // world)
+            lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
+            if hi > lo:
+                spans.append((p, lo, hi - lo))
+        buf = torch.zeros(sum(s[2] for s in spans), dtype=torch.uint8)  # touched, as the state dicts are
+        ops, at = [], buf.data_ptr()
+        for p, lo, ln in spans:
+            ops.append((shards[p], lo, ln, at, ""))
+            at += ln
+        io0 = proc_io()
+        dist.barrier()
+        t0 = time.perf_counter()
+        _C.read_direct(ops, a.threads, 8 << 20)
+        dist.barrier()
+        t1 = time.perf_counter()
+        res["requested"] = buf.numel()
+    elif a.reader == "pread":
         work = []
         for p in files:
             n = p.stat().st_size
