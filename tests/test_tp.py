@@ -52,6 +52,22 @@ def _rank_main(rank: int, world: int, port: int, index: str, out_dir: str):
         parts = [torch.empty_like(part) for _ in range(world)]
         dist.all_gather(parts, part)
         assert torch.allclose(torch.cat(parts, dim=1), x @ full[name].float().T, atol=1e-5)
+        # the same slices through torch.distributed.checkpoint and HFStorageReader (one box reader):
+        # DTensors Shard(0)/Shard(1) chunk as _split does; the same bytes, the same byte count
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from torchpool.distributed import HFStorageReader
+
+        mesh = init_device_mesh("cpu", (world,))
+        sd = {n: distribute_tensor(torch.zeros(full[n].shape, dtype=full[n].dtype), mesh,
+                                   [Shard(len(_split(n, full[n].shape, rank, world)) - 1)]) for n in names}
+        reader = HFStorageReader(index, mode="pread")
+        dcp.load(sd, storage_reader=reader)
+        for n in names:
+            assert torch.equal(sd[n].to_local(), mine[n]), n
+        assert reader.bytes_requested == read == reader.stats()["bytes_pread"]
         totals = torch.tensor([read], dtype=torch.int64)
         dist.all_reduce(totals)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

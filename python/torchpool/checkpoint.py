@@ -265,9 +265,9 @@ class Checkpoint:
         tensors)."""
         self._check_open()
         plans = {name: self.get_slice(name)._plan(key) for name, key in keys.items()}
-        items = [item for _, item, _ in plans.values() if item is not None]
-        if items:
-            _C.read_slices(items, self.readers)
+        from ._ranges import Box, read_boxes  # the box reader torchpool.distributed uses (Note [Reading a box])
+        boxes = [Box(name, item[4], item[5], out) for name, (out, item, _) in plans.items() if item is not None]
+        read_boxes(self, boxes, mode="pread")  # every run with pread, counted in bytes_read
         return {name: TensorSlice._finish(out, post) for name, (out, _, post) in plans.items()}
 
     # ---- loading ----
