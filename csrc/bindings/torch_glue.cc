@@ -1,4 +1,6 @@
 // Bindings of the torch glue: the CPU allocator slot.
+#include <pybind11/stl.h>
+
 #include "../torch_glue/cpu_allocator.h"
 #include "common.h"
 #include "registry.h"
