@@ -139,14 +139,17 @@ class CachingAllocator final : public ForkParticipant {
     uint32_t arena;
     std::vector<StreamEvents::Event> events;
   };
-  static constexpr size_t kShards = 64;
+  // 16 shards: frees from different threads still rarely meet, and lock_all() holds few enough
+  // mutexes at once for ThreadSanitizer's deadlock detector (at most 64 held locks per thread).
+  static constexpr unsigned kShardBits = 4;
+  static constexpr size_t kShards = size_t{1} << kShardBits;
   struct alignas(64) Shard {
     mutable std::mutex mu;
     std::unordered_map<uintptr_t, Owner> map;
     std::atomic<size_t> n{0};  // map.size(), readable without the lock (live_blocks)
   };
 
-  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> 58]; }
+  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> (64 - kShardBits)]; }
   uint32_t arena_for(size_t bytes);
   Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);  // also enters the owner map
   bool take_owner(uintptr_t addr, Owner* out);  // removes addr from the owner map; false if absent

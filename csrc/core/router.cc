@@ -72,12 +72,17 @@ Router::Router() { fork_safety::add_outer(this, 1); }
 Router::~Router() { fork_safety::remove_outer(this); }
 
 void Router::synchronize() const {
-  const uint32_t old = epoch_.fetch_add(1, std::memory_order_seq_cst) & 1;
-  for (;;) {
-    int64_t busy = 0;
-    for (const Counter& c : readers_[old]) busy += c.n.load(std::memory_order_seq_cst);
-    if (busy == 0) return;
-    std::this_thread::yield();
+  // Both parities, one after the other (as SRCU does): a reader that read the epoch long ago may count
+  // itself in either, and only one of them is drained by a single flip.  Each flip sends new readers to
+  // the parity not being waited for, so a steady stream of frees cannot starve the writer.
+  for (int phase = 0; phase < 2; ++phase) {
+    const uint32_t old = epoch_.fetch_add(1, std::memory_order_seq_cst) & 1;
+    for (;;) {
+      int64_t busy = 0;
+      for (const Counter& c : readers_[old]) busy += c.n.load(std::memory_order_seq_cst);
+      if (busy == 0) break;
+      std::this_thread::yield();
+    }
   }
 }
 

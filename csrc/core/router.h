@@ -22,10 +22,12 @@
 // The free and allocate paths are read sections: each bumps one of kReaderSlots padded counters
 // (chosen by thread) of the current epoch parity before it loads an allocator pointer, and drops it
 // after its last use of that allocator.  synchronize() (writers only, under mu_) flips the epoch and
-// waits until the old parity's counters drain.  A writer clears a slot before it synchronizes, all of
-// these are sequentially consistent atomics, so a reader that did not show up in the drained counters
-// loads the slot after it was cleared.  New readers use the new parity, so a steady stream of frees
-// cannot starve the writer.  Cost on the hot path: two uncontended atomic operations.  After fork,
+// waits until the old parity's counters drain, twice, so both parities are drained once: a reader
+// that read the epoch long before counts itself in either (found by the TSan stress: with one flip,
+// such a reader allocated from an allocator already freed).  A writer clears a slot before it
+// synchronizes, all of these are sequentially consistent atomics, so a reader that did not show up
+// in a drained counter loads the slot after it was cleared.  Each flip sends new readers to the other
+// parity, so a steady stream of frees cannot starve the writer.  Cost on the hot path: two uncontended atomic operations.  After fork,
 // the child zeroes the counters (the threads that held them do not exist there: Note [Fork]).
 #pragma once
 
