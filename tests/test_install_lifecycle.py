@@ -236,3 +236,25 @@ def test_readme_use_block_runs_top_to_bottom(python_subprocess):
     r = python_subprocess(block + "\nprint('README-OK')\n", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("README-OK")
+
+
+def test_check_is_consistent_while_threads_allocate(python_subprocess):
+    r = python_subprocess(textwrap.dedent("""
+        import json, threading, torch, torchpool
+        a = torchpool.install(arenas=4)
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                xs = [torch.empty(n) for n in (8, 300, 5000, 70000, 1 << 19)]
+                del xs
+        ts = [threading.Thread(target=churn) for _ in range(3)]
+        for t in ts:
+            t.start()
+        bad = [e for e in (a.check() for _ in range(300)) if e]
+        stop.set()
+        for t in ts:
+            t.join()
+        print(json.dumps({"bad": bad[:3], "n": len(bad)}))
+        """))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout) == {"bad": [], "n": 0}
