@@ -104,13 +104,13 @@ def memory_stats(device: str | torch.device = "cpu") -> dict:
     already freed. Readable at any time, also after uninstall() (then the current gauges count only
     tensors still alive, 0 once they are gone)."""
     if _device_kind(device) == "cuda":
-        return derive(_require_cuda(device).stats())
+        return derive(_require(device).stats())
     return derive(_C.cpu_stats())
 
 
 def reset_peak_stats(device: str | torch.device = "cpu") -> None:
     if _device_kind(device) == "cuda":
-        return _require_cuda(device).reset_peak_stats()
+        return _require(device).reset_peak_stats()
     _C.cpu_reset_peaks()
 
 
@@ -118,7 +118,7 @@ def memory_snapshot(device: str | torch.device = "cpu") -> list[dict]:
     """Segments and their blocks (address, size, requested_size, state), like torch.cuda.memory_snapshot().
     On the CPU: the segments of every torchpool allocator that holds memory (empty when none does)."""
     if _device_kind(device) == "cuda":
-        return _require_cuda(device).snapshot()
+        return _require(device).snapshot()
     segments = [seg for a in _cpu_allocators() for seg in a.snapshot()]
     return sorted(segments, key=lambda seg: seg["address"])
 
@@ -126,11 +126,12 @@ def memory_snapshot(device: str | torch.device = "cpu") -> list[dict]:
 def empty_cache(device: str | torch.device = "cpu") -> int:
     """Return every entirely free segment to the upstream. Returns the bytes released."""
     if _device_kind(device) == "cuda":
-        return _require_cuda(device).empty_cache()
+        return _require(device).empty_cache()
     return sum(a.empty_cache() for a in _cpu_allocators())
 
 
-def _require_cuda(device) -> "_C.Allocator":
+def _require(device) -> "_C.Allocator":
+    """The allocator serving `device` now; RuntimeError when none does."""
     alloc = allocator(device)
     if alloc is None:
         raise RuntimeError(f"torchpool is not installed for {device!s}; call torchpool.install({str(device)!r}) first")
