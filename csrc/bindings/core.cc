@@ -1,7 +1,9 @@
 // Bindings of the core: Allocator (a CachingAllocator over a chosen upstream), stats, snapshot, trace.
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <memory>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
@@ -17,10 +19,28 @@ using namespace torchpool;
 namespace torchpool::bindings {
 
 namespace {
+// A clear error naming the option, the value and the valid range instead of pybind's "Unable to cast".
 template <typename T>
 T take(py::dict& d, const char* key, T fallback) {
   if (!d.contains(key)) return fallback;
-  T v = d[key].cast<T>();
+  py::object value = d[key];
+  T v;
+  try {
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      if (!py::isinstance<py::int_>(value) || py::isinstance<py::bool_>(value)) throw py::cast_error();
+    }
+    v = value.cast<T>();
+  } catch (const py::cast_error&) {
+    std::string range;
+    if constexpr (std::is_same_v<T, bool>) range = "a boolean";
+    else if constexpr (std::is_floating_point_v<T>) range = "a number";
+    else if constexpr (std::is_integral_v<T>)
+      range = "an integer from " + std::to_string(std::numeric_limits<T>::min()) + " to " +
+              std::to_string(std::numeric_limits<T>::max());
+    else range = "a string";
+    throw py::value_error("torchpool: option " + std::string(key) + "=" + py::repr(value).cast<std::string>() +
+                          " is out of range; valid: " + range);
+  }
   d.attr("pop")(key);
   return v;
 }
@@ -42,6 +62,8 @@ std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream, py
     throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio >= 1");
   c.max_bytes = take<size_t>(o, "max_bytes", 0);
   c.arenas = take<unsigned>(o, "arenas", 1);
+  if (c.arenas > 256)
+    throw py::value_error("torchpool: option arenas=" + std::to_string(c.arenas) + " is out of range; valid: 1 to 256");
   c.device = take<int32_t>(o, "device_index", -1);
   c.device_name = take<std::string>(o, "device_name", "cpu");
   std::shared_ptr<Upstream> up;

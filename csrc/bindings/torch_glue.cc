@@ -1,5 +1,8 @@
 // Bindings of the torch glue: the CPU allocator slot.
+#include <pybind11/stl.h>
+
 #include "../torch_glue/cpu_allocator.h"
+#include "common.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -13,4 +16,11 @@ TORCHPOOL_BINDINGS(10, torch_glue) {
         "torchpool still routes because torchpool tensors are alive");
   m.def("cpu_active", [] { return CpuAllocatorSlot::instance().active(); });
   m.def("cpu_in_slot", [] { return CpuAllocatorSlot::instance().in_slot(); });
+  // Statistics over every torchpool CPU allocator (Note [Retired allocators]): readable after uninstall().
+  m.def("cpu_allocators", [] { return CpuAllocatorSlot::instance().router().allocators(); },
+        "The installed allocator (first) and the retired ones that still own tensors");
+  m.def("cpu_stats", [] { return torchpool::bindings::stats_dict(CpuAllocatorSlot::instance().router().stats()); });
+  m.def("cpu_reset_peaks", [] { CpuAllocatorSlot::instance().router().reset_peaks(); });
+  m.def("cpu_retired_freed", [] { return CpuAllocatorSlot::instance().router().retired_freed(); },
+        "How many retired allocators were freed (their memory returned) so far");
 }

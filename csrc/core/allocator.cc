@@ -7,19 +7,23 @@
 
 namespace torchpool {
 
-std::string format_bytes(int64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+std::string format_bytes(uint64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
   double v = static_cast<double>(bytes);
   int u = 0;
-  while ((v >= 1024.0 || v <= -1024.0) && u < 4) {
+  while (v >= 1024.0 && u < 6) {
     v /= 1024.0;
     ++u;
   }
   char buf[64];
-  if (u == 0) std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(bytes));
+  if (u == 0) std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(bytes));
   else std::snprintf(buf, sizeof buf, "%.2f %s", v, units[u]);
   return buf;
 }
+
+namespace {
+uint64_t unsigned_gauge(int64_t v) { return v < 0 ? 0 : static_cast<uint64_t>(v); }
+}  // namespace
 
 CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config,
                                    std::shared_ptr<StreamEvents> events)
@@ -34,9 +38,11 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, Allocator
     });
     arenas_.push_back(std::move(a));
   }
+  fork_safety::add_allocator(this);  // Note [Fork]
 }
 
 CachingAllocator::~CachingAllocator() {
+  fork_safety::remove_allocator(this);
   // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
   for (auto& p : pending_)
     for (auto e : p.events) events_->destroy(e);
@@ -52,13 +58,34 @@ uint32_t CachingAllocator::arena_for(size_t bytes) {
 Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t stream) {
   Arena& a = *arenas_[arena];
   std::lock_guard<std::mutex> g(a.mu);
-  return a.pool->allocate(bytes, stream);
+  Block* b = a.pool->allocate(bytes, stream);
+  if (b) {  // into the owner map before the arena lock goes: lock_all() never sees it half-way
+    Shard& sh = shard(b->addr);
+    std::lock_guard<std::mutex> sg(sh.mu);
+    sh.map.emplace(b->addr, Owner{b, arena});
+    sh.n.store(sh.map.size(), std::memory_order_relaxed);
+  }
+  return b;
+}
+
+void CachingAllocator::refuse(size_t bytes, uint32_t arena, uint64_t stream, const char* why) {
+  {
+    Arena& a = *arenas_[arena];
+    std::lock_guard<std::mutex> g(a.mu);
+    a.pool->count_oom();
+  }
+  if (trace_.enabled()) trace_.record(TraceOp::kOom, 0, bytes, bytes, stream, config_.device);
+  std::string msg = describe(bytes);
+  if (why) msg += std::string(" ") + why;
+  throw OutOfMemory(msg, bytes);
 }
 
 void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
   if (bytes == 0) return nullptr;
-  if (num_pending_.load(std::memory_order_relaxed)) process_events();
   const uint32_t arena = arena_for(bytes);
+  if (bytes > kMaxRequestBytes)  // Note [Impossible sizes]: no retry, the cache stays
+    refuse(bytes, arena, stream, "The request is larger than any allocation can be (4.00 EiB).");
+  if (num_pending_.load(std::memory_order_relaxed)) process_events();
   Block* b = try_allocate(arena, bytes, stream);
   if (!b) {  // Note [Out of memory]
     {
@@ -70,41 +97,43 @@ void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
     empty_cache();
     b = try_allocate(arena, bytes, stream);
   }
-  if (!b) {
-    {
-      Arena& a = *arenas_[arena];
-      std::lock_guard<std::mutex> g(a.mu);
-      a.pool->count_oom();
-    }
-    if (trace_.enabled()) trace_.record(TraceOp::kOom, 0, bytes, bytes, stream, config_.device);
-    throw OutOfMemory(describe(bytes), bytes);
-  }
-  {
-    Shard& sh = shard(b->addr);
-    std::lock_guard<std::mutex> g(sh.mu);
-    sh.map.emplace(b->addr, Owner{b, arena});
-  }
+  if (!b) refuse(bytes, arena, stream, nullptr);
   if (trace_.enabled()) trace_.record(TraceOp::kAlloc, b->addr, b->size, bytes, stream, config_.device);
   return reinterpret_cast<void*>(b->addr);
 }
 
+bool CachingAllocator::take_owner(uintptr_t addr, Owner* out) {
+  Shard& sh = shard(addr);
+  std::lock_guard<std::mutex> g(sh.mu);
+  auto it = sh.map.find(addr);
+  if (it == sh.map.end()) return false;
+  *out = it->second;
+  sh.map.erase(it);
+  sh.n.store(sh.map.size(), std::memory_order_relaxed);
+  return true;
+}
+
+// The owner-map entry leaves while the arena's lock is held (and after pending_mu_ for a deferred
+// block), so a block is never allocated in an arena and absent from the owner map where lock_all()
+// can see it (check(), fork: Note [Fork]).  The arena comes from a first, read-only lookup.
 bool CachingAllocator::free(void* p) {
   if (!p) return true;
   const auto addr = reinterpret_cast<uintptr_t>(p);
-  Owner o;
-  {
+  uint32_t arena = 0;
+  if (arenas_.size() > 1) {
     Shard& sh = shard(addr);
     std::lock_guard<std::mutex> g(sh.mu);
     auto it = sh.map.find(addr);
     if (it == sh.map.end()) return false;
-    o = it->second;
-    sh.map.erase(it);
+    arena = it->second.arena;
   }
-  if (trace_.enabled())
-    trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
-  Arena& a = *arenas_[o.arena];
+  Arena& a = *arenas_[arena];
+  Owner o;
   if (num_uses_.load(std::memory_order_relaxed) == 0) {  // the common case: no record_stream anywhere
     std::lock_guard<std::mutex> g(a.mu);
+    if (!take_owner(addr, &o)) return false;
+    if (trace_.enabled())
+      trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
     a.pool->free(o.block);
     return true;
   }
@@ -118,23 +147,32 @@ bool CachingAllocator::free(void* p) {
       num_uses_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
-  Pending pend{o.block, o.arena, {}};
+  std::vector<StreamEvents::Event> events;
   for (uint64_t st : streams) {  // Note [Stream ordering]
     StreamEvents::Event e = events_->record(st);
-    if (e) pend.events.push_back(e);
+    if (e) events.push_back(e);
     else events_->synchronize(st);
   }
-  if (pend.events.empty()) {
+  if (events.empty()) {
     std::lock_guard<std::mutex> g(a.mu);
+    if (!take_owner(addr, &o)) return false;
+    if (trace_.enabled())
+      trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
     a.pool->free(o.block);
     return true;
   }
   std::lock_guard<std::mutex> pg(pending_mu_);
   {
     std::lock_guard<std::mutex> g(a.mu);
+    if (!take_owner(addr, &o)) {
+      for (auto e : events) events_->destroy(e);
+      return false;
+    }
+    if (trace_.enabled())
+      trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
     a.pool->defer(o.block);
   }
-  pending_.push_back(std::move(pend));
+  pending_.push_back(Pending{o.block, o.arena, std::move(events)});
   num_pending_.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
@@ -251,26 +289,48 @@ std::vector<SegmentView> CachingAllocator::snapshot() const {
   return out;
 }
 
+void CachingAllocator::lock_all() const {
+  pending_mu_.lock();
+  for (auto& a : arenas_) a->mu.lock();
+  for (auto& sh : shards_) sh.mu.lock();
+  const_cast<std::mutex&>(uses_mu_).lock();
+  trace_.lock();
+}
+
+void CachingAllocator::unlock_all() const {
+  trace_.unlock();
+  const_cast<std::mutex&>(uses_mu_).unlock();
+  for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) it->mu.unlock();
+  for (auto it = arenas_.rbegin(); it != arenas_.rend(); ++it) (*it)->mu.unlock();
+  pending_mu_.unlock();
+}
+
+size_t CachingAllocator::live_blocks() const {
+  size_t n = 0;
+  for (auto& sh : shards_) n += sh.n.load(std::memory_order_relaxed);
+  return n;
+}
+
 std::string CachingAllocator::check() const {
+  // One consistent view: with every lock held no block moves between the arenas, the owner map
+  // and the pending list while they are compared (issue: false violations under concurrent use).
+  lock_all();
+  struct Unlock {
+    const CachingAllocator* a;
+    ~Unlock() { a->unlock_all(); }
+  } unlock{this};
+  Stats s;
   for (size_t i = 0; i < arenas_.size(); ++i) {
-    std::lock_guard<std::mutex> g(arenas_[i]->mu);
     std::string e = arenas_[i]->pool->check();
     if (!e.empty()) return "arena " + std::to_string(i) + ": " + e;
+    s.merge(arenas_[i]->pool->stats());
   }
   size_t live = 0;
-  for (auto& sh : shards_) {
-    std::lock_guard<std::mutex> g(sh.mu);
-    live += sh.map.size();
-  }
-  const Stats s = stats();
+  for (auto& sh : shards_) live += sh.map.size();
   if (static_cast<int64_t>(live) != s.allocation.current)
     return "owner map holds " + std::to_string(live) + " pointers but the arenas hold " +
            std::to_string(s.allocation.current) + " allocated blocks";
-  size_t pending;
-  {
-    std::lock_guard<std::mutex> g(pending_mu_);
-    pending = pending_.size();
-  }
+  const size_t pending = pending_.size();
   if (static_cast<int64_t>(pending) != s.active.current - s.allocation.current)
     return std::to_string(pending) + " deferred frees are pending but the arenas hold " +
            std::to_string(s.active.current - s.allocation.current) + " deferred blocks";
@@ -281,12 +341,14 @@ std::string CachingAllocator::describe(size_t requested) const {
   const Stats s = stats();
   std::ostringstream m;
   m << "torchpool: out of memory on " << config_.device_name << ": tried to allocate " << format_bytes(requested)
-    << "; allocated " << format_bytes(s.allocated_bytes.current) << " (requested "
-    << format_bytes(s.requested_bytes.current) << "), reserved " << format_bytes(s.reserved_bytes.current)
-    << ", cached " << format_bytes(s.reserved_bytes.current - s.allocated_bytes.current) << " (parked in size classes "
-    << format_bytes(s.cached_class_bytes.current) << ", largest free block " << format_bytes(s.largest_free_block)
-    << ")";
-  if (config_.max_bytes) m << ", limit max_bytes=" << format_bytes(static_cast<int64_t>(config_.max_bytes));
+    << " (" << requested << " bytes)"
+    << "; allocated " << format_bytes(unsigned_gauge(s.allocated_bytes.current)) << " (requested "
+    << format_bytes(unsigned_gauge(s.requested_bytes.current)) << "), reserved "
+    << format_bytes(unsigned_gauge(s.reserved_bytes.current)) << ", cached "
+    << format_bytes(unsigned_gauge(s.reserved_bytes.current - s.allocated_bytes.current)) << " (parked in size classes "
+    << format_bytes(unsigned_gauge(s.cached_class_bytes.current)) << ", largest free block "
+    << format_bytes(unsigned_gauge(s.largest_free_block)) << ")";
+  if (config_.max_bytes) m << ", limit max_bytes=" << format_bytes(config_.max_bytes);
   m << ", upstream " << upstream_->name() << ". The allocator is still usable; free tensors, call "
     << "torchpool.empty_cache(), or raise max_bytes.";
   return m.str();

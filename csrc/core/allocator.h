@@ -12,8 +12,16 @@
 //    │               upstream.h); polled by allocate() and empty_cache().
 //    └── trace_:     the event ring (trace.h), written only while recording.
 //
-// Lock order: pending_mu_ before an arena's mutex; a shard's or uses_mu_ is never held while
-// taking another lock.
+// Lock order: pending_mu_ before an arena's mutex, an arena's before a shard's and the trace ring's
+// (a block enters and leaves the owner map under its arena's lock); a shard's or
+// uses_mu_ is never held while taking another lock.  lock_all() (fork, check()) takes every lock in
+// the order of Note [Fork] (fork.h): pending_mu_, arenas, shards, uses_mu_, trace ring.
+//
+// Note [Impossible sizes]
+// -----------------------
+// Every size is checked where it enters: a request above kMaxRequestBytes (2^62) is out of memory at
+// once (OutOfMemory naming the size, no cache flush), and every rounding in the pool and the
+// upstreams is checked arithmetic, so a size near 2^64 can never wrap to a small block.
 //
 // Note [Arenas]
 // -------------
@@ -43,6 +51,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fork.h"
 #include "pool.h"
 #include "trace.h"
 
@@ -65,13 +74,17 @@ class OutOfMemory : public std::runtime_error {
   size_t requested_;
 };
 
-class CachingAllocator {
+class CachingAllocator final : public ForkParticipant {
  public:
+  // Larger requests are refused at once (Note [Impossible sizes]): no address space holds them, and
+  // every byte gauge (int64) stays exact.
+  static constexpr size_t kMaxRequestBytes = size_t{1} << 62;
+
   // events: orders reuse across streams (Note [Stream ordering]); null for host memory, where
   // record_stream() is refused.
   CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config,
                    std::shared_ptr<StreamEvents> events = nullptr);
-  ~CachingAllocator();
+  ~CachingAllocator() override;
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
@@ -93,12 +106,24 @@ class CachingAllocator {
   Stats stats() const;
   void reset_peaks();
   std::vector<SegmentView> snapshot() const;
-  std::string check() const;  // "" when every arena is valid
+  // "" when every arena is valid and the owner map agrees with them.  Takes every lock at once
+  // (lock_all), so the view is consistent while other threads allocate.
+  std::string check() const;
+  // Live (allocated, not yet freed) blocks: a relaxed sum without locks, exact when no thread is
+  // allocating or freeing here.
+  size_t live_blocks() const;
   std::string describe(size_t requested) const;  // the state line used in OOM messages
 
   TraceRing& trace() { return trace_; }
   const AllocatorConfig& config() const { return config_; }
   Upstream& upstream() { return *upstream_; }
+
+  // Note [Fork]: every lock of this allocator, in the fixed order.
+  void lock_all() const;
+  void unlock_all() const;
+  void fork_prepare() override { lock_all(); }
+  void fork_parent() override { unlock_all(); }
+  void fork_child() override { unlock_all(); }
 
  private:
   struct Arena {
@@ -114,15 +139,20 @@ class CachingAllocator {
     uint32_t arena;
     std::vector<StreamEvents::Event> events;
   };
-  static constexpr size_t kShards = 64;
+  // 16 shards: frees from different threads still rarely meet, and lock_all() holds few enough
+  // mutexes at once for ThreadSanitizer's deadlock detector (at most 64 held locks per thread).
+  static constexpr unsigned kShardBits = 4;
+  static constexpr size_t kShards = size_t{1} << kShardBits;
   struct alignas(64) Shard {
     mutable std::mutex mu;
     std::unordered_map<uintptr_t, Owner> map;
+    std::atomic<size_t> n{0};  // map.size(), readable without the lock (live_blocks)
   };
 
-  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> 58]; }
+  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> (64 - kShardBits)]; }
   uint32_t arena_for(size_t bytes);
-  Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);
+  Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);  // also enters the owner map
+  bool take_owner(uintptr_t addr, Owner* out);  // removes addr from the owner map; false if absent
 
   void release_pending_locked();  // pending_mu_ held
   void wait_pending();            // waits for every pending event, then releases the blocks
@@ -137,11 +167,13 @@ class CachingAllocator {
   std::mutex uses_mu_;
   std::unordered_map<uintptr_t, std::vector<uint64_t>> uses_;
   std::atomic<size_t> num_uses_{0};
+  [[noreturn]] void refuse(size_t bytes, uint32_t arena, uint64_t stream, const char* why);
   mutable std::mutex pending_mu_;
   std::vector<Pending> pending_;
   std::atomic<size_t> num_pending_{0};
 };
 
-std::string format_bytes(int64_t bytes);
+// "1.50 GiB"; sizes are unsigned (a request of 2^63 bytes reads "8.00 EiB").
+std::string format_bytes(uint64_t bytes);
 
 }  // namespace torchpool

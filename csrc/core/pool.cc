@@ -10,7 +10,14 @@
 namespace torchpool {
 namespace {
 
-constexpr size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+constexpr size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }  // n, m known small
+// Note [Impossible sizes] (allocator.h): false when n rounded up to a multiple of m overflows.
+bool checked_round_up(size_t n, size_t m, size_t* out) {
+  size_t t;
+  if (__builtin_add_overflow(n, m - 1, &t)) return false;
+  *out = t / m * m;
+  return true;
+}
 constexpr size_t kLargeBuffer = 20u << 20;  // with max_split_bytes: slack accepted for oversize blocks
 
 bool is_pow2(size_t x) { return x && !(x & (x - 1)); }
@@ -36,7 +43,7 @@ void for_each_run(const std::vector<bool>& mapped, size_t lo, size_t hi, bool va
 bool ReserveBudget::try_take(size_t n) {
   size_t cur = taken_.load(std::memory_order_relaxed);
   do {
-    if (max_bytes_ && cur + n > max_bytes_) return false;
+    if (max_bytes_ && (n > max_bytes_ || cur > max_bytes_ - n)) return false;
   } while (!taken_.compare_exchange_weak(cur, cur + n, std::memory_order_relaxed));
   return true;
 }
@@ -46,10 +53,18 @@ size_t ReserveBudget::taken() const { return taken_.load(std::memory_order_relax
 
 Pool::Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget)
     : upstream_(upstream), config_(config), budget_(budget) {
-  if (!is_pow2(config_.alignment) || config_.alignment < kClassQuantum)
-    throw std::invalid_argument("torchpool: alignment must be a power of two >= 64");
-  if (!(config_.max_reserved_ratio == 0 || config_.max_reserved_ratio >= 1))
-    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio >= 1");
+  auto refuse = [](const char* option, size_t value, const char* range) {
+    throw std::invalid_argument(std::string("torchpool: option ") + option + "=" + std::to_string(value) +
+                                " is out of range; valid: " + range);
+  };
+  if (!is_pow2(config_.alignment) || config_.alignment < kClassQuantum || config_.alignment > kMaxAlignment)
+    refuse("alignment", config_.alignment, "a power of two from 64 to 1048576 (1 MiB)");
+  if (config_.large_rounding > kMaxRoundingBytes) refuse("large_rounding", config_.large_rounding, "0 to 1073741824 (1 GiB)");
+  if (config_.small_segment_bytes > kMaxRoundingBytes)
+    refuse("small_segment_bytes", config_.small_segment_bytes, "0 to 1073741824 (1 GiB)");
+  if (!(config_.max_reserved_ratio == 0 || (config_.max_reserved_ratio >= 1 && config_.max_reserved_ratio <= 1e6)))
+    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio from 1 to 1e6, not " +
+                                std::to_string(config_.max_reserved_ratio));
   if (!is_pow2(upstream_.granularity()))
     throw std::invalid_argument("torchpool: upstream granularity must be a power of two");
   config_.large_rounding = std::max(round_up(config_.large_rounding, config_.alignment), config_.alignment);
@@ -336,8 +351,9 @@ Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, boo
   Segment*& slot = small ? fl.small_expandable : fl.expandable;
   Segment* s = slot;
   if (!s) {
-    const size_t need = round_up(rounded, gran);
-    const size_t want = round_up(std::max(upstream_.reservation_bytes(), need), gran);
+    size_t need, want;
+    if (!checked_round_up(rounded, gran, &need) || !checked_round_up(std::max(upstream_.reservation_bytes(), need), gran, &want))
+      return nullptr;
     void* base = upstream_.reserve(want, stream);
     if (!base) return nullptr;
     s = link_segment(reinterpret_cast<uintptr_t>(base), need, stream, small, want);
@@ -346,8 +362,9 @@ Block* Pool::grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, boo
   }
   Block* last = last_block(s);
   const size_t have = last->state == Block::kFree ? last->size : 0;
-  const size_t need = round_up(rounded - std::min(have, rounded), gran);
-  if (need == 0 || s->size + need > s->reserved) return nullptr;
+  size_t need;
+  if (!checked_round_up(rounded - std::min(have, rounded), gran, &need)) return nullptr;
+  if (need == 0 || need > s->reserved - s->size) return nullptr;
   const uintptr_t at = s->base + s->size;
   s->size += need;
   s->chunk_mapped.resize(s->size / gran, false);
@@ -556,7 +573,7 @@ Block* Pool::find_free(FreeSet& set, size_t rounded) const {
   Block* b = *it;
   if (config_.max_split_bytes != SIZE_MAX) {
     if (rounded < config_.max_split_bytes && b->size >= config_.max_split_bytes) return nullptr;
-    if (rounded >= config_.max_split_bytes && b->size >= rounded + kLargeBuffer) return nullptr;
+    if (rounded >= config_.max_split_bytes && b->size - rounded >= kLargeBuffer) return nullptr;  // b->size >= rounded
   }
   return b;
 }
@@ -572,8 +589,9 @@ Block* Pool::allocate_best_fit(size_t rounded, size_t bytes, uint64_t stream, bo
   }
   if (!b) {
     const size_t gran = upstream_.granularity();
-    const size_t seg_bytes = small ? std::max(config_.small_segment_bytes, round_up(rounded, gran))
-                                   : round_up(rounded, gran);
+    size_t seg_bytes;
+    if (!checked_round_up(rounded, gran, &seg_bytes)) return nullptr;
+    if (small) seg_bytes = std::max(config_.small_segment_bytes, seg_bytes);
     if (upstream_.can_expand()) b = grow_expandable(fl, stream, rounded, small);
     if (!b) {
       make_room(seg_bytes, rounded);
@@ -613,7 +631,8 @@ Block* Pool::allocate_class(uint32_t cls, size_t bytes, uint64_t stream) {
 
 Block* Pool::allocate(size_t bytes, uint64_t stream) {
   TP_ASSERT(bytes > 0);
-  const size_t rounded = round_up(bytes, config_.alignment);
+  size_t rounded;  // Note [Impossible sizes]: a size whose rounding overflows is out of memory
+  if (!checked_round_up(bytes, config_.alignment, &rounded)) return nullptr;
   Block* b;
   if (rounded <= config_.max_class_bytes && config_.size_classes) {
     b = allocate_class(aligned_class_[class_of(rounded)], bytes, stream);
@@ -621,7 +640,9 @@ Block* Pool::allocate(size_t bytes, uint64_t stream) {
     b = allocate_best_fit(rounded, bytes, stream, /*small=*/true);
     if (b) account_alloc(b, bytes);
   } else {
-    b = allocate_best_fit(round_up(rounded, config_.large_rounding), bytes, stream, /*small=*/false);
+    size_t large;
+    if (!checked_round_up(rounded, config_.large_rounding, &large)) return nullptr;
+    b = allocate_best_fit(large, bytes, stream, /*small=*/false);
     if (b) {
       stats_.num_large_allocs++;
       account_alloc(b, bytes);

@@ -149,6 +149,10 @@ struct Segment {
   uint64_t id = 0;
 };
 
+// Bounds of the options (validated by Pool's constructor; _config.py states the same ranges).
+constexpr size_t kMaxAlignment = size_t{1} << 20;
+constexpr size_t kMaxRoundingBytes = size_t{1} << 30;  // large_rounding, small_segment_bytes
+
 struct PoolConfig {
   size_t alignment = 64;                    // every block size is a multiple (power of two >= 64)
   bool size_classes = true;                 // false: small requests are best-fit too (for comparison)

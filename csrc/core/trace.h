@@ -35,6 +35,9 @@ class TraceRing {
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
   void record(TraceOp op, uint64_t addr, uint64_t size, uint64_t requested, uint64_t stream, int32_t device);
   uint64_t dropped() const;
+  // Note [Fork]: the ring's lock, taken last by CachingAllocator::lock_all.
+  void lock() const { mu_.lock(); }
+  void unlock() const { mu_.unlock(); }
 
  private:
   std::vector<TraceEvent> ordered_locked() const;

@@ -12,26 +12,17 @@ CpuAllocatorSlot& CpuAllocatorSlot::instance() {
   return *slot;
 }
 
+CpuAllocatorSlot::CpuAllocatorSlot() { fork_safety::add_outer(this, 0); }
+
 void CpuAllocatorSlot::install(std::shared_ptr<CachingAllocator> allocator) {
   std::lock_guard<std::mutex> g(mu_);
   c10::Allocator* current = c10::GetCPUAllocator();
   if (current != this) previous_ = current;
-  bool known = false;
-  for (size_t i = 0; i < num_known_.load(); ++i) known |= known_[i].load() == allocator.get();
-  if (!known) {
-    const size_t i = num_known_.load();
-    if (i == kMaxAllocators) throw std::runtime_error("torchpool: too many distinct allocators installed in one process");
-    known_[i].store(allocator.get());
-    num_known_.store(i + 1);
-    keep_alive_.push_back(allocator);
-  }
-  active_owner_ = allocator;
-  active_.store(allocator.get(), std::memory_order_release);
+  router_.install(allocator);
   if (current != this) {
     c10::SetCPUAllocator(this, kPriority);
     if (c10::GetCPUAllocator() != this) {
-      active_.store(nullptr);
-      active_owner_.reset();
+      router_.uninstall();
       throw std::runtime_error(
           "torchpool: another allocator holds PyTorch's CPU allocator slot at a higher priority; "
           "torchpool could not install itself");
@@ -41,25 +32,20 @@ void CpuAllocatorSlot::install(std::shared_ptr<CachingAllocator> allocator) {
 
 bool CpuAllocatorSlot::uninstall() {
   std::lock_guard<std::mutex> g(mu_);
-  active_.store(nullptr, std::memory_order_release);
-  active_owner_.reset();
+  router_.uninstall();
   if (c10::GetCPUAllocator() != this || previous_ == nullptr) return true;
-  int64_t live = 0;
-  for (size_t i = 0; i < num_known_.load(); ++i) live += known_[i].load()->stats().allocation.current;
-  if (live != 0) return false;  // Note [The CPU allocator slot]: keep routing
+  if (router_.live_blocks() != 0) return false;  // Note [The CPU allocator slot]: keep routing
   c10::SetCPUAllocator(previous_, kPriority);
   return true;
 }
 
-std::shared_ptr<CachingAllocator> CpuAllocatorSlot::active() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return active_owner_;
-}
+std::shared_ptr<CachingAllocator> CpuAllocatorSlot::active() const { return router_.active(); }
 
 bool CpuAllocatorSlot::in_slot() const { return c10::GetCPUAllocator() == this; }
 
 c10::DataPtr CpuAllocatorSlot::allocate(size_t n) {
-  CachingAllocator* a = active_.load(std::memory_order_acquire);
+  Router::Section section(router_);  // Note [Router grace periods]: `a` lives until it ends
+  CachingAllocator* a = router_.current();
   if (a == nullptr) return previous_->allocate(n);
   void* p = nullptr;
   try {
@@ -85,17 +71,13 @@ void CpuAllocatorSlot::report_to_profiler(CachingAllocator& a, void* p, int64_t 
 }
 
 bool CpuAllocatorSlot::free_if_ours(void* p) {
-  const size_t n = num_known_.load(std::memory_order_acquire);
+  Router::Section section(router_);
   const bool profiling = c10::memoryProfilingEnabled();
-  for (size_t i = 0; i < n; ++i) {
-    CachingAllocator* a = known_[i].load(std::memory_order_relaxed);
-    const size_t size = profiling ? a->block_size(p).second : 0;
-    if (a->free(p)) {
-      if (profiling) report_to_profiler(*a, p, -static_cast<int64_t>(size));
-      return true;
-    }
-  }
-  return false;
+  size_t size = 0;
+  CachingAllocator* a = router_.free(p, profiling ? &size : nullptr);
+  if (a == nullptr) return false;
+  if (profiling) report_to_profiler(*a, p, -static_cast<int64_t>(size));
+  return true;
 }
 
 void CpuAllocatorSlot::free_ours(void* p) {

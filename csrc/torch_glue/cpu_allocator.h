@@ -15,8 +15,11 @@
 // (at the same fixed priority) when no torchpool block is alive; otherwise the router stays in the
 // slot, forwarding every allocation to the previous allocator, until the last block is gone and
 // uninstall() is called again or the process ends.
-// Limitations: allocators are never destroyed (a tensor may outlive any Python object), and the
-// swap is an unsynchronised store in c10: install at startup, before threads allocate.
+// Which allocator owns a pointer is the Router's business (core/router.h): the installed one and the
+// retired ones that still own blocks; a retired allocator is freed once it owns none (Note [Retired
+// allocators]), so install/uninstall cycles hold no memory.  The slot's mutex and the router's are
+// taken before fork like every allocator lock (Note [Fork]).
+// Limitation: the swap is an unsynchronised store in c10: install at startup, before threads allocate.
 #pragma once
 
 #include <c10/core/Allocator.h>
@@ -27,10 +30,11 @@
 #include <vector>
 
 #include "../core/allocator.h"
+#include "../core/router.h"
 
 namespace torchpool::torch_glue {
 
-class CpuAllocatorSlot final : public c10::Allocator {
+class CpuAllocatorSlot final : public c10::Allocator, public ForkParticipant {
  public:
   static constexpr uint8_t kPriority = 0;
   static CpuAllocatorSlot& instance();
@@ -41,27 +45,26 @@ class CpuAllocatorSlot final : public c10::Allocator {
   bool uninstall();
   std::shared_ptr<CachingAllocator> active() const;
   bool in_slot() const;
+  Router& router() { return router_; }
+
+  void fork_prepare() override { mu_.lock(); }
+  void fork_parent() override { mu_.unlock(); }
+  void fork_child() override { mu_.unlock(); }
 
   c10::DataPtr allocate(size_t n) override;
   c10::DeleterFnPtr raw_deleter() const override;
   void copy_data(void* dest, const void* src, std::size_t count) const override;
 
  private:
-  CpuAllocatorSlot() = default;
+  CpuAllocatorSlot();
   static void free_ours(void* p);
   static void route_free(void* p);
   bool free_if_ours(void* p);
   static void report_to_profiler(CachingAllocator& a, void* p, int64_t delta);
 
-  mutable std::mutex mu_;
-  std::atomic<CachingAllocator*> active_{nullptr};
-  std::shared_ptr<CachingAllocator> active_owner_;
+  mutable std::mutex mu_;  // install / uninstall; before the router's (Note [Fork])
+  Router router_;
   c10::Allocator* previous_ = nullptr;
-  // Every allocator ever installed, kept alive forever: a tensor may outlive its Python handle.
-  static constexpr size_t kMaxAllocators = 32;
-  std::atomic<CachingAllocator*> known_[kMaxAllocators] = {};
-  std::atomic<size_t> num_known_{0};
-  std::vector<std::shared_ptr<CachingAllocator>> keep_alive_;
 };
 
 }  // namespace torchpool::torch_glue

@@ -28,7 +28,7 @@ class FakeUpstream final : public Upstream {
       --fail_next_;
       return nullptr;
     }
-    if (bytes > capacity_ - mapped_) return nullptr;
+    if (bytes > capacity_ - mapped_ || !fits(bytes)) return nullptr;
     const uintptr_t p = next_;
     next_ += bytes + granularity_;  // a gap, so that neighbouring segments are never contiguous
     mapped_ += bytes;
@@ -53,6 +53,7 @@ class FakeUpstream final : public Upstream {
     std::lock_guard<std::mutex> g(mu_);
     ++map_calls_;
     if (bytes % granularity_) throw std::logic_error("FakeUpstream: reservation not a multiple of the granularity");
+    if (!fits(bytes)) return nullptr;
     const uintptr_t p = next_;
     next_ += bytes + granularity_;
     reservations_.insert({p, bytes});
@@ -109,12 +110,17 @@ class FakeUpstream final : public Upstream {
   }
 
  private:
+  // Fake addresses stay below kTop (Note [Impossible sizes]): the counter never wraps, and so the
+  // bytes mapped (and every gauge of the pool above) stay below 2^63.
+  static constexpr uintptr_t kTop = uintptr_t{1} << 62;
+  bool fits(size_t bytes) const { return next_ <= kTop && bytes <= kTop - next_ && granularity_ <= kTop - next_ - bytes; }
+
   void check_chunk_range(uintptr_t a, size_t bytes) const {
     if (bytes == 0 || a % granularity_ || bytes % granularity_) throw std::logic_error("FakeUpstream: chunk range not aligned");
     auto it = reservations_.upper_bound({a, SIZE_MAX});
     if (it == reservations_.begin()) throw std::logic_error("FakeUpstream: chunk outside every reservation");
     --it;
-    if (a + bytes > it->first + it->second) throw std::logic_error("FakeUpstream: chunk outside every reservation");
+    if (a - it->first > it->second || bytes > it->second - (a - it->first)) throw std::logic_error("FakeUpstream: chunk outside every reservation");
   }
 
   mutable std::mutex mu_;

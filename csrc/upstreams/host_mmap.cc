@@ -17,7 +17,8 @@ void* HostMmapUpstream::map(size_t bytes, uint64_t /*stream*/) {
   }
   // Note [Huge pages]: over-map by one huge page and trim to an aligned range.
   const size_t align = options_.huge_page_bytes;
-  const size_t span = bytes + align;
+  size_t span;
+  if (__builtin_add_overflow(bytes, align, &span)) return nullptr;
   void* raw = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, (flags & ~MAP_POPULATE), -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const auto start = reinterpret_cast<uintptr_t>(raw);

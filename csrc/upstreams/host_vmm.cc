@@ -19,6 +19,8 @@ HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
                                 std::to_string(page) + ")");
   size_t r = options_.reservation_bytes;
   if (r == 0) r = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  if (r > (size_t{1} << 62))  // Note [Impossible sizes]: no address space is that large
+    throw std::invalid_argument("torchpool: reserve_bytes=" + std::to_string(r) + " is out of range; valid: 0 to 2^62");
   reservation_ = round_up(r, options_.chunk_bytes);
 }
 
@@ -29,6 +31,7 @@ HostVmmUpstream::~HostVmmUpstream() {
 bool HostVmmUpstream::take(size_t bytes) {
   size_t cur = mapped_.load(std::memory_order_relaxed);
   do {
+    if (bytes > SIZE_MAX - cur) return false;
     if (options_.max_mapped_bytes && cur + bytes > options_.max_mapped_bytes) return false;
   } while (!mapped_.compare_exchange_weak(cur, cur + bytes, std::memory_order_relaxed));
   return true;
@@ -52,7 +55,8 @@ void HostVmmUpstream::unmap(void* ptr, size_t bytes, uint64_t /*stream*/) {
 
 void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
   // Aligned to the granularity: over-reserve by one chunk and trim the ends.
-  const size_t span = bytes + options_.chunk_bytes;
+  size_t span;
+  if (__builtin_add_overflow(bytes, options_.chunk_bytes, &span)) return nullptr;
   void* raw = ::mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const auto start = reinterpret_cast<uintptr_t>(raw);

@@ -27,7 +27,8 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     Options (see torchpool._config.OPTIONS; sizes also as *_kb/_mb/_gb): max_bytes, max_cached_bytes,
     arenas, huge_pages, size_classes, min_split_bytes, max_split_bytes, ...
     Installing again with options replaces the allocator for new tensors; tensors made before are
-    still freed by the allocator that made them.
+    still freed by the allocator that made them, and memory_stats() keeps counting them (README
+    "Statistics"). An allocator with no tensor left is freed and its memory returned.
     """
     kind = _device_kind(device)
     if kind == "cuda":
@@ -50,7 +51,8 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
 
 
 def uninstall(device: str | torch.device = "cpu") -> None:
-    """Stop serving new tensors on `device`. Live torchpool tensors stay valid and are freed by it."""
+    """Stop serving new tensors on `device`. Live torchpool tensors stay valid and are freed by it;
+    statistics stay readable (memory_stats())."""
     kind = _device_kind(device)
     if kind == "cuda":
         from . import cuda
@@ -61,12 +63,18 @@ def uninstall(device: str | torch.device = "cpu") -> None:
 
 @contextlib.contextmanager
 def installed(device: str | torch.device = "cpu", **options) -> Iterator["_C.Allocator"]:
-    """``with torchpool.installed(): ...`` installs for the block and uninstalls after it."""
+    """``with torchpool.installed(): ...`` installs for the block; after it, whatever served `device`
+    before serves it again (an earlier install(), or nothing). Blocks nest."""
+    kind = _device_kind(device)
+    previous = _C.cpu_active() if kind == "cpu" else None
     alloc = install(device, **options)
     try:
         yield alloc
     finally:
-        uninstall(device)
+        if kind != "cpu" or previous is None:
+            uninstall(device)
+        elif _C.cpu_active() is not previous:
+            _C.install_cpu(previous)
 
 
 def is_installed(device: str | torch.device = "cpu") -> bool:
@@ -83,31 +91,51 @@ def allocator(device: str | torch.device = "cpu"):
     return _C.cpu_active()
 
 
-def _require(device) -> "_C.Allocator":
-    alloc = allocator(device)
-    if alloc is None:
-        raise RuntimeError(f"torchpool is not installed for {device!s}; call torchpool.install({str(device)!r}) first")
-    return alloc
+def _cpu_allocators() -> list:
+    return list(_C.cpu_allocators())
 
 
 def memory_stats(device: str | torch.device = "cpu") -> dict:
     """Counters named as in torch.cuda.memory_stats(), plus fragmentation measures:
-    utilization, internal_waste_bytes, external_fragmentation, and a size_classes table."""
-    return derive(_require(device).stats())
+    utilization, internal_waste_bytes, external_fragmentation, and a size_classes table.
+
+    On the CPU they cover every torchpool allocator of the process (README "Statistics"): the
+    installed one, earlier ones whose tensors are still alive, and the final counters of those
+    already freed. Readable at any time, also after uninstall() (then the current gauges count only
+    tensors still alive, 0 once they are gone)."""
+    if _device_kind(device) == "cuda":
+        return derive(_require(device).stats())
+    return derive(_C.cpu_stats())
 
 
 def reset_peak_stats(device: str | torch.device = "cpu") -> None:
-    _require(device).reset_peak_stats()
+    if _device_kind(device) == "cuda":
+        return _require(device).reset_peak_stats()
+    _C.cpu_reset_peaks()
 
 
 def memory_snapshot(device: str | torch.device = "cpu") -> list[dict]:
-    """Segments and their blocks (address, size, requested_size, state), like torch.cuda.memory_snapshot()."""
-    return _require(device).snapshot()
+    """Segments and their blocks (address, size, requested_size, state), like torch.cuda.memory_snapshot().
+    On the CPU: the segments of every torchpool allocator that holds memory (empty when none does)."""
+    if _device_kind(device) == "cuda":
+        return _require(device).snapshot()
+    segments = [seg for a in _cpu_allocators() for seg in a.snapshot()]
+    return sorted(segments, key=lambda seg: seg["address"])
 
 
 def empty_cache(device: str | torch.device = "cpu") -> int:
     """Return every entirely free segment to the upstream. Returns the bytes released."""
-    return _require(device).empty_cache()
+    if _device_kind(device) == "cuda":
+        return _require(device).empty_cache()
+    return sum(a.empty_cache() for a in _cpu_allocators())
+
+
+def _require(device) -> "_C.Allocator":
+    """The allocator serving `device` now; RuntimeError when none does."""
+    alloc = allocator(device)
+    if alloc is None:
+        raise RuntimeError(f"torchpool is not installed for {device!s}; call torchpool.install({str(device)!r}) first")
+    return alloc
 
 
 def _install_from_environment() -> None:

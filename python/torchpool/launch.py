@@ -51,7 +51,11 @@ def split_argv(argv: list[str]) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     conf = args.conf if args.conf is not None else (os.environ.get("TORCHPOOL_CONF") or "cpu=1")
-    devices, options = _config.parse_conf(conf)
+    try:
+        devices, options = _config.parse_conf(conf)  # the same rules as TORCHPOOL_CONF at import
+    except _config.ConfigError as e:
+        raise SystemExit(f"torchpool run: {e} (from --conf {conf!r})" if args.conf is not None
+                         else f"torchpool run: {e} (from TORCHPOOL_CONF={conf!r})") from None
     if not devices:
         raise SystemExit("torchpool run: the configuration names no device (add cpu=1 or cuda=1)")
     argv = list(args.argv)
@@ -64,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
     os.environ["TORCHPOOL_CONF"] = conf
     if args.module is not None:
         sys.argv = [args.module, *argv]
+        # As `python -m`: the working directory comes first on sys.path, so `-m my_package.train`
+        # finds the package it is run next to.
+        sys.path.insert(0, os.getcwd())
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
     else:
         script = argv[0]
