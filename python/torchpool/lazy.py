@@ -227,7 +227,7 @@ def load_lazily(model, path, device="cpu", budget_bytes: int | None = None, *, s
             want = dtype or info.torch_dtype
             if t.dtype != want:
                 mismatches.append(f"dtype mismatch for {k}: copying a param with dtype {want} from checkpoint, the dtype "
-                                  f"in current model is {t.dtype}.")
+                                  f"in current model is {t.dtype} (pass dtype={t.dtype} to load_lazily to convert on load).")
         if mismatches or (strict and (missing or unexpected)):
             raise RuntimeError(_mismatch_report(model, missing if strict else [], unexpected if strict else [], mismatches))
 
