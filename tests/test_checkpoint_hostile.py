@@ -50,7 +50,7 @@ DEEP_HEADERS = {
 @pytest.mark.parametrize("where", sorted(DEEP_HEADERS))
 def test_deep_nesting_is_a_clear_error(tmp_path, where):
     header = DEEP_HEADERS[where]
-    assert len(header) > 100_000
+    assert len(header) > 60_000
     path = raw_file(tmp_path / f"deep-{where}.safetensors", header, b"\0" * 8)
     with pytest.raises(torchpool.CheckpointError) as ei:
         torchpool.open_checkpoint(path)
@@ -232,7 +232,7 @@ def _sigbus_file(tmp_path, name="big"):
 def test_sigbus_names_the_file_then_the_process_dies(tmp_path, how, faulthandler):
     path = _sigbus_file(tmp_path, "weight" if how == "lazy" else "big")
     args = [sys.executable] + (["-X", "faulthandler"] if faulthandler else []) + ["-c", SIGBUS_CHILD, str(path), how]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=HERE)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
     assert "sum" not in r.stdout
     tensor = "weight" if how == "lazy" else "big"
@@ -245,7 +245,7 @@ def test_sigbus_names_the_file_then_the_process_dies(tmp_path, how, faulthandler
 def test_copy_mode_survives_a_shrinking_file(tmp_path):
     path = _sigbus_file(tmp_path)
     r = subprocess.run([sys.executable, "-c", SIGBUS_CHILD, str(path), "copy"], capture_output=True, text=True,
-                       timeout=120, cwd=HERE)
+                       timeout=300, cwd=HERE)
     assert r.returncode == 0 and "sum 262144.0" in r.stdout, r.stderr
 
 
@@ -270,7 +270,7 @@ def test_sigbus_handler_leaves_other_sigbus_alone(tmp_path):
     # a SIGBUS sent by kill still kills with SIGBUS (handed back to the default action), no message
     path = _sigbus_file(tmp_path)
     code = f"import os, signal, torchpool; ck = torchpool.open_checkpoint({str(path)!r}); os.kill(os.getpid(), signal.SIGBUS)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=HERE)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode == -signal.SIGBUS and "torchpool: SIGBUS" not in r.stderr
 
 
@@ -289,15 +289,15 @@ def test_inspect_a_text_file_says_not_safetensors(tmp_path, capsys):
 
 
 def test_inspect_json_into_head_ends_quietly(tmp_path):
-    sd = {f"layer.{i}.weight": torch.ones(2) for i in range(300)}
+    sd = {f"layer.{i}.weight": torch.ones(2) for i in range(5000)}
     path = tmp_path / "m.safetensors"
     write_file(path, sd)
-    p = subprocess.Popen([sys.executable, "-m", "torchpool", "inspect", str(path), "--json", "--top", "300"],
+    p = subprocess.Popen([sys.executable, "-m", "torchpool", "inspect", str(path), "--json", "--top", "5000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
     first = p.stdout.readline()
     p.stdout.close()  # what `| head -1` does
     err = p.stderr.read().decode()
-    rc = p.wait(timeout=120)
+    rc = p.wait(timeout=300)
     assert first.strip() == b"{"
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert rc == 141
