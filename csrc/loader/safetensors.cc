@@ -112,13 +112,10 @@ class HeaderSax {
   bool number_unsigned(json::number_unsigned_t v) {
     if (ctx() == kShape || ctx() == kOffsets) {
       Frame& f = stack_.back();
-      note_scalar(std::to_string(v));
-      if (f.kind == kShape) {
-        if (v > static_cast<uint64_t>(INT64_MAX)) f.bad = true;
-        else if (entry_ok()) cur_.shape.push_back(v);
-      } else {
-        if (f.count < 2) offsets_[f.count] = v;
-      }
+      if (!f.bad && (f.kind == kShape ? v > static_cast<uint64_t>(INT64_MAX) : f.count >= 2)) mark_bad(f);
+      if (f.bad) note_scalar(std::to_string(v));  // the message's text, built only once it is needed
+      else if (f.kind == kShape) cur_.shape.push_back(v);
+      else offsets_[f.count] = v;
       ++f.count;
       return true;
     }
@@ -226,6 +223,12 @@ class HeaderSax {
     if (s.size() > 64) q += "...";
     return q + "\"";
   }
+  // A shape or offsets list turned out bad: its text so far, from the values kept (all were numbers).
+  void mark_bad(Frame& f) {
+    f.bad = true;
+    list_text_ = "[";
+    for (uint64_t i = 0; i < f.count; ++i) note_scalar(std::to_string(f.kind == kShape ? cur_.shape[i] : offsets_[i]));
+  }
   // The flat text of a shape or offsets list for messages: bounded, never a re-serialised tree.
   void note_scalar(const std::string& text) {
     if (list_text_.size() > 120) {
@@ -253,8 +256,8 @@ class HeaderSax {
         break;
       case kShape:
       case kOffsets:
+        if (!stack_.back().bad) mark_bad(stack_.back());
         note_scalar(text);
-        stack_.back().bad = true;
         ++stack_.back().count;
         break;
       case kSkip: break;
@@ -297,17 +300,17 @@ class HeaderSax {
                     dtype_err_ = std::string("dtype is ") + (object ? "an object" : "a list") + ", not a string";
         } else if (field_ == kFieldShape) {
           if (object) shape_err_ = "shape is an object, not a list";
-          else k = kShape, list_text_ = "[";
+          else k = kShape, cur_.shape.clear();
         } else if (field_ == kFieldOffsets) {
           if (object) offsets_err_ = "data_offsets is an object, not [begin, end] of integers >= 0";
-          else k = kOffsets, list_text_ = "[";
+          else k = kOffsets;
         }
         break;
       }
       case kShape:
       case kOffsets:
+        if (!stack_.back().bad) mark_bad(stack_.back());
         note_scalar(object ? "{...}" : "[...]");
-        stack_.back().bad = true;
         ++stack_.back().count;
         break;
       case kSkip: break;

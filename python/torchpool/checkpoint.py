@@ -59,9 +59,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -119,8 +118,10 @@ _DTYPES = {name: (bits, getattr(torch, tname) if tname and hasattr(torch, tname)
            for name, bits, tname in _C.safetensors_dtypes()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """What the header says of one tensor (a NamedTuple: a checkpoint may hold a million of them,
+    and a frozen dataclass cost ~8x the time to build; bench/bench_header.py)."""
+
     name: str
     dtype: str                  # safetensors dtype, e.g. "BF16"
     torch_dtype: object         # torch.dtype, or None when torch has no such dtype (F6_*)
