@@ -238,6 +238,7 @@ def test_sigbus_names_the_file_then_the_process_dies(tmp_path, how, faulthandler
     tensor = "weight" if how == "lazy" else "big"
     assert f"torchpool: SIGBUS at {path} file offset" in r.stderr and f"(tensor '{tensor}')" in r.stderr, r.stderr
     assert "copy=True" in r.stderr
+    assert r.stderr.count("torchpool: SIGBUS") == 1  # threads faulting together: one whole message
     if faulthandler:  # chained: faulthandler's traceback follows
         assert "Fatal Python error: Bus error" in r.stderr and r.stderr.index("torchpool: SIGBUS") < r.stderr.index("Fatal Python")
 

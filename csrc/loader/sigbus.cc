@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -25,6 +26,9 @@ struct Slot {
 Slot g_slots[kSigbusSlots];
 struct sigaction g_prev;
 std::atomic<bool> g_installed{false};
+// Several threads may fault at once (torch's intra-op threads reading one view): the first writes the
+// message, the others wait for it to be complete before handing the signal on (which kills the process).
+std::atomic<int> g_writing{0};  // 0: nobody yet, 1: a thread is writing, 2: written
 std::once_flag g_once;
 
 void put(const char* s, size_t n) {
@@ -47,6 +51,13 @@ void put_u64(uint64_t v) {
   put(buf + i, sizeof(buf) - i);
 }
 
+void wait_written() {
+  while (g_writing.load(std::memory_order_acquire) == 1) {
+    struct timespec ts = {0, 1000000};
+    ::nanosleep(&ts, nullptr);
+  }
+}
+
 void describe(uintptr_t addr) {
   for (Slot& s : g_slots) {
     const ShardFile* f = s.shard.load(std::memory_order_acquire);
@@ -55,6 +66,11 @@ void describe(uintptr_t addr) {
     const uint64_t len = s.len.load(std::memory_order_acquire);
     if (addr < base || addr - base >= len) continue;
     const uint64_t off = addr - base;
+    int expect = 0;
+    if (!g_writing.compare_exchange_strong(expect, 1, std::memory_order_acq_rel)) {
+      wait_written();
+      return;
+    }
     put("torchpool: SIGBUS at ");
     put(f->path().c_str());
     put(" file offset ");
@@ -69,6 +85,7 @@ void describe(uintptr_t addr) {
         "tensor that maps it (ck[name], ck.load() on the CPU, load_lazily) cannot be read and the process "
         "dies. Files that may change under a running process: open_checkpoint(path, copy=True) returns "
         "owned memory only.\n");
+    g_writing.store(2, std::memory_order_release);
     return;
   }
 }

@@ -12,7 +12,8 @@
 // table and, when it falls in a registered mapping, writes with write(2) alone
 //   torchpool: SIGBUS at /x/model.safetensors file offset 8192 (tensor 'w'): the file is shorter than when it was opened ...
 // (the tensor found by binary search over the shard's offset-sorted index, read-only after
-// construction).  The handler then restores the action it replaced and returns: the faulting
+// construction; when several threads fault at once, the first writes and the others wait for it).
+// The handler then restores the action it replaced and returns: the faulting
 // instruction runs again and the previous handler gets the fault (faulthandler, when it was enabled
 // before the first checkpoint was opened, e.g. by pytest or -X faulthandler, prints the Python
 // traceback; the default kills the process with SIGBUS, so the exit status is unchanged).  A SIGBUS sent
