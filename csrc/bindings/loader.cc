@@ -13,6 +13,7 @@
 
 #include "../loader/safetensors.h"
 #include "../loader/shard.h"
+#include "../loader/sigbus.h"
 #include "../loader/staging.h"
 #include "../upstreams/host_mmap.h"
 #include "../upstreams/host_pinned.h"
@@ -97,6 +98,9 @@ TORCHPOOL_BINDINGS(30, loader) {
   });
 
   m.attr("max_header_bytes") = kMaxHeaderBytes;
+  m.attr("max_header_depth") = kMaxHeaderDepth;
+  m.def("sigbus_handler_installed", &sigbus_handler_installed,
+        "Whether the SIGBUS handler that names a truncated checkpoint file is installed (Note [SIGBUS message])");
   m.def("safetensors_dtypes", [] {
     py::list out;
     for (size_t i = 0; i < static_cast<size_t>(DType::kCount); ++i) {

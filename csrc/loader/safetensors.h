@@ -16,7 +16,30 @@
 //   "/x/model.safetensors: tensor 'w': rule offsets-gap: begins at 96 but the previous tensor ends at 64".
 // Nothing downstream re-checks: a Header that exists is valid.  Limitation: the file may still change
 // after it was validated (another process truncates it); reads then fail with rule read-short instead
-// of returning garbage, and a mapped view would SIGBUS, as with every mmap reader.
+// of returning garbage, and touching a mapped view kills the process with SIGBUS, as with every mmap
+// reader (Note [SIGBUS message] in shard.h says which file first; open_checkpoint(copy=True) hands
+// out owned memory only).
+//
+// Note [Streaming header parse]
+// -----------------------------
+// Rationale: the header is untrusted and may be 100 MB.  Building a DOM first (nlohmann::json) had
+// three failures (issue 11): with a parser callback, nlohmann scans the parent object after every
+// child object ends (to erase discarded values), so 40k tensors took 12-19 s and 100k 106 s; every
+// DOM node costs ~100 bytes, so a header of nested objects took 69x its size in RSS; and a value
+// nested 70,000 deep was printed recursively into the error message (dump()) until the stack overflowed.
+// Approach: one SAX pass (nlohmann::json::sax_parse, whose parser keeps its own state stack and
+// never recurses) writes TensorEntry records directly: O(n) events plus one O(n log n) sort by name
+// (which also finds duplicate names), nothing of a value outside the known fields is kept, nesting
+// deeper than kMaxHeaderDepth stops the parse at once (rule header-nesting; a valid header nests 3
+// deep, serde_json, which the safetensors package uses, stops at 128), and error messages describe
+// a value by its type or by its flat scalars, never by re-serialising a tree.  What a header can
+// make this process allocate is therefore bounded by its length: per tensor one TensorEntry (its
+// name, 8 bytes per dimension), per metadata pair its two strings, each at most the text it came
+// from plus a constant; kMaxHeaderBytes bounds the text.  The first rule broken (in file order)
+// is remembered and the parse goes on, so a JSON syntax error still wins, as with the DOM parser:
+// header-json > header-nesting (stops at once) > header-not-object > duplicate-name > the first
+// bad entry.  Keys inside ignored fields (extra fields of an entry, which the reference ignores)
+// are not checked for duplicates.
 #pragma once
 
 #include <cstddef>
@@ -24,7 +47,6 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -43,10 +65,12 @@ class CheckpointError : public std::runtime_error {
 
 // Rule ids (stable: tests and users match on them).
 inline constexpr const char* kRuleFileTooSmall = "file-too-small";       // fewer than 8 bytes
+inline constexpr const char* kRuleNotSafetensors = "not-safetensors";    // implausible length and no '{' at byte 8
 inline constexpr const char* kRuleHeaderTooLarge = "header-too-large";   // N > 100,000,000
 inline constexpr const char* kRuleHeaderPastEof = "header-past-eof";     // 8 + N > file size
 inline constexpr const char* kRuleHeaderUtf8 = "header-utf8";            // header is not UTF-8
 inline constexpr const char* kRuleHeaderJson = "header-json";            // not JSON
+inline constexpr const char* kRuleHeaderNesting = "header-nesting";     // arrays/objects nested > kMaxHeaderDepth
 inline constexpr const char* kRuleHeaderObject = "header-not-object";    // top level not an object
 inline constexpr const char* kRuleDuplicateName = "duplicate-name";      // a key twice
 inline constexpr const char* kRuleMetadata = "metadata-not-strings";     // __metadata__ not {str: str}
@@ -56,6 +80,7 @@ inline constexpr const char* kRuleShape = "shape-invalid";               // not 
 inline constexpr const char* kRuleOffsets = "offsets-invalid";           // not [begin, end], begin <= end
 inline constexpr const char* kRuleSizeOverflow = "size-overflow";        // numel * width overflows
 inline constexpr const char* kRuleSubByte = "size-not-whole-bytes";      // sub-byte dtype, partial byte
+inline constexpr const char* kRuleStrideOverflow = "stride-overflow";   // torch's int64 strides overflow (zero-size tensors)
 inline constexpr const char* kRuleSizeMismatch = "size-mismatch";        // end - begin != numel * width
 inline constexpr const char* kRuleOffsetsStart = "offsets-start";        // first tensor does not start at 0
 inline constexpr const char* kRuleOffsetsGap = "offsets-gap";
@@ -66,6 +91,8 @@ inline constexpr const char* kRuleReadShort = "read-short";              // the 
 inline constexpr const char* kRuleIo = "io-error";
 
 inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+// Deepest nesting of arrays and objects a header may have (a valid one needs 3; serde_json stops at 128).
+inline constexpr size_t kMaxHeaderDepth = 64;
 
 enum class DType : uint8_t {
   BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, C64,
@@ -96,14 +123,11 @@ struct Header {
   uint64_t file_size = 0;
   uint64_t header_len = 0;
   uint64_t data_start = 0;  // 8 + header_len
-  std::vector<TensorEntry> tensors;  // in the order of the JSON
-  std::vector<std::pair<std::string, std::string>> metadata;
-  std::unordered_map<std::string, size_t> index;  // name -> position in tensors
+  std::vector<TensorEntry> tensors;  // sorted by name (byte order), names unique
+  std::vector<std::pair<std::string, std::string>> metadata;  // in the order of the JSON
 
-  const TensorEntry* find(const std::string& name) const {
-    auto it = index.find(name);
-    return it == index.end() ? nullptr : &tensors[it->second];
-  }
+  // Binary search over the sorted tensors.
+  const TensorEntry* find(std::string_view name) const;
 };
 
 // Parses the JSON text of a header (already cut out of the file) into records; throws on the JSON

@@ -1,5 +1,7 @@
 #include "shard.h"
 
+#include "sigbus.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -32,6 +34,12 @@ ShardFile::ShardFile(const std::string& path) {
     void* p = ::mmap(nullptr, header_.file_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd_, 0);
     if (p == MAP_FAILED) throw CheckpointError(path, "", kRuleIo, std::string("mmap: ") + std::strerror(errno));
     base_ = static_cast<uint8_t*>(p);
+    const auto& ts = header_.tensors;
+    by_offset_.reserve(ts.size());
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (ts[i].end > ts[i].begin) by_offset_.push_back(static_cast<uint32_t>(i));
+    std::sort(by_offset_.begin(), by_offset_.end(), [&](uint32_t a, uint32_t b) { return ts[a].begin < ts[b].begin; });
+    register_mapping(this);  // Note [SIGBUS message]
   } catch (...) {
     ::close(fd_);
     throw;
@@ -39,8 +47,24 @@ ShardFile::ShardFile(const std::string& path) {
 }
 
 ShardFile::~ShardFile() {
+  if (base_) unregister_mapping(this);
   if (base_) ::munmap(base_, header_.file_size);
   if (fd_ >= 0) ::close(fd_);
+}
+
+const TensorEntry* ShardFile::tensor_at(uint64_t off) const {
+  if (off < header_.data_start) return nullptr;
+  const uint64_t d = off - header_.data_start;
+  const auto& ts = header_.tensors;
+  size_t lo = 0, hi = by_offset_.size();  // first with begin > d
+  while (lo < hi) {
+    const size_t mid = lo + (hi - lo) / 2;
+    if (ts[by_offset_[mid]].begin <= d) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo == 0) return nullptr;
+  const TensorEntry& e = ts[by_offset_[lo - 1]];
+  return d < e.end ? &e : nullptr;
 }
 
 double ShardFile::resident_fraction(uint64_t offset, uint64_t len) const {

@@ -11,7 +11,9 @@
 // anonymous memory of this process (copy-on-write), exactly as safetensors' own mapping behaves: the
 // tensor changes, the checkpoint never does, and other views of the same page in other processes do
 // not see it.  Limitation: if another process truncates the file while it is mapped, touching a
-// page past the new end raises SIGBUS, as with every mmap-based reader; pread paths report read-short.
+// page past the new end raises SIGBUS, as with every mmap-based reader (Note [SIGBUS message] in
+// sigbus.h: a message names the file and tensor before the process dies); pread paths report
+// read-short, and populate_ranges too while a load runs.
 #pragma once
 
 #include <atomic>
@@ -39,6 +41,9 @@ class ShardFile {
   int fd() const { return fd_; }
   uint8_t* map_base() const { return base_; }
   uint64_t map_len() const { return header_.file_size; }
+  // The tensor whose data holds absolute file offset `off`, or null (header, past the data, or an
+  // empty tensor). Async-signal-safe: reads only memory fixed at construction.
+  const TensorEntry* tensor_at(uint64_t off) const;
   // Absolute file offset of a tensor's data.
   uint64_t file_offset(const TensorEntry& e) const { return header_.data_start + e.begin; }
 
@@ -65,6 +70,7 @@ class ShardFile {
   int fd_ = -1;
   uint8_t* base_ = nullptr;
   Header header_;
+  std::vector<uint32_t> by_offset_;  // positions in header_.tensors of the non-empty tensors, by begin
   mutable std::atomic<uint64_t> bytes_read_{0}, preads_{0};
 };
 

@@ -39,23 +39,34 @@ read-only: an in-place write changes the tensor (the page is copied into this pr
 memory, copy-on-write) and never the checkpoint file; torch cannot mark a tensor read-only, and a
 read-only mapping would turn such a write into SIGSEGV.  Tensors from the "read" path and from
 ``get_slice`` are ordinary owned memory.
+
+Note [Owned copies]
+-------------------
+A view of the mapping dies with the process (SIGBUS, after a message naming the file: Note [SIGBUS
+message] in csrc/loader/sigbus.h) when another process truncates the file while the view is alive;
+no mapping-based reader can turn that into an exception.  ``open_checkpoint(path, copy=True)`` never
+hands out a view: ``ck[name]`` and CPU loads ``pread`` into owned tensors (the "direct" path), so a file
+that shrinks later changes nothing, and one that shrinks during a read gives ``read-short``.  Costs:
+fresh anonymous memory (page faults and zeroing, Note [Choosing the read path]) and RSS that is not
+shared with the page cache.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
 from ._build import _C
 
-__all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "TensorNotFoundError", "open_checkpoint"]
 
 INDEX_NAME = "model.safetensors.index.json"
 _RESIDENT_ENOUGH = 0.9
@@ -83,12 +94,34 @@ class CheckpointError(ValueError):
         return err
 
 
+class TensorNotFoundError(KeyError):
+    """A name the checkpoint does not hold (a KeyError, so ``except KeyError`` and ``in`` work as
+    with a dict); the message lists close matches. Attributes: ``name``, ``matches``."""
+
+    def __init__(self, name, path, matches):
+        self.name, self.matches = name, list(matches)
+        msg = f"{name!r} is not a tensor of {path}"
+        if self.matches:
+            msg += "; did you mean " + ", ".join(repr(m) for m in self.matches) + "?"
+        super().__init__(msg)
+
+    def __str__(self):  # KeyError would print repr(message)
+        return str(self.args[0])
+
+
+def _natural_key(p) -> list:
+    """model-2-of-10 before model-10-of-10: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(p))]
+
+
 _DTYPES = {name: (bits, getattr(torch, tname) if tname and hasattr(torch, tname) else None)
            for name, bits, tname in _C.safetensors_dtypes()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """What the header says of one tensor (a NamedTuple: a checkpoint may hold a million of them,
+    and a frozen dataclass cost ~8x the time to build; bench/bench_header.py)."""
+
     name: str
     dtype: str                  # safetensors dtype, e.g. "BF16"
     torch_dtype: object         # torch.dtype, or None when torch has no such dtype (F6_*)
@@ -109,8 +142,9 @@ class Checkpoint:
     """An open checkpoint: one or more validated, mapped safetensors shards. See the module doc."""
 
     def __init__(self, path, *, staging_bytes: int = 64 << 20, chunk_bytes: int = 8 << 20, readers: int = 8,
-                 staging_upstream: str = "host_pinned", cold_cpu_path: str = "mmap"):
+                 staging_upstream: str = "host_pinned", cold_cpu_path: str = "mmap", copy: bool = False):
         self.path = Path(path)
+        self.copy = bool(copy)  # Note [Owned copies]
         self._staging_args = (int(staging_bytes), int(chunk_bytes), staging_upstream)
         self.readers = int(readers)
         if cold_cpu_path not in ("mmap", "read", "direct"):
@@ -159,7 +193,7 @@ class Checkpoint:
                 index = found[0] if len(found) == 1 else None
             if index is not None:
                 return self._read_index(index)
-            files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+            files = sorted((p for p in path.glob("*.safetensors") if p.is_file()), key=_natural_key)
             if not files:
                 raise CheckpointError.make(path, "", "no-shards", "the directory has no *.safetensors file and no index")
             return files, None, {}
@@ -189,6 +223,7 @@ class Checkpoint:
                     raise CheckpointError.make(index, name, "index-missing-shard", f"shard file {full} does not exist")
                 shards.append(full)
         meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+        shards.sort(key=_natural_key)
         return shards, {k: index.parent / v for k, v in wm.items()}, meta
 
     # ---- mapping protocol ----
@@ -228,7 +263,17 @@ class Checkpoint:
         try:
             return self._infos[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not a tensor of {self.path}") from None
+            raise TensorNotFoundError(name, self.path, self._close_matches(name)) from None
+        except TypeError:
+            raise TypeError(f"tensor names are strings, not {type(name).__name__}") from None
+
+    def _close_matches(self, name) -> list[str]:
+        if not isinstance(name, str):
+            return []
+        names = self._order
+        if len(names) > 20000:  # difflib is ~10 us a name: look only among names of a similar length
+            names = [n for n in names if abs(len(n) - len(name)) <= max(3, len(name) // 4)][:20000]
+        return difflib.get_close_matches(name, names, n=3, cutoff=0.75)
 
     def _torch_dtype(self, info: TensorInfo):
         if info.torch_dtype is None:
@@ -250,7 +295,12 @@ class Checkpoint:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self._check_open()
-        return self._view(self.info(name))
+        info = self.info(name)
+        if self.copy:  # Note [Owned copies]
+            out: dict = {}
+            self._read_group([info], torch.device("cpu"), out, direct=True)
+            return out[info.name]
+        return self._view(info)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self[name]
@@ -296,8 +346,13 @@ class Checkpoint:
         device = torch.device(device)
         if mode not in ("auto", "mmap", "read", "direct"):
             raise ValueError(f"mode must be 'auto', 'mmap', 'read' or 'direct', not {mode!r}")
+        if self.copy and mode == "mmap":
+            raise ValueError("mode='mmap' returns views of the file, but this checkpoint was opened with copy=True "
+                             "(owned memory only: Note [Owned copies]); use mode='direct' or 'read'")
         if device.type != "cpu":
             path = "read"
+        elif self.copy and mode == "auto":
+            path, frac = "direct", 0.0
         elif mode == "auto":
             frac = self.resident_fraction(names)
             path = "mmap" if frac >= _RESIDENT_ENOUGH else self.cold_cpu_path
@@ -448,6 +503,41 @@ class TensorSlice:
             res = res.contiguous()
         return res
 
+    _KINDS = "ints, slices with positive steps, ... and 1-D lists (or integer tensors) of ints"
+
+    def _index_int(self, k) -> int:
+        import operator
+
+        if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+            return int(k)
+        try:
+            return operator.index(k)
+        except TypeError:
+            raise IndexError(f"get_slice of {self._info.name!r}: {type(k).__name__} index {k!r} is not supported; "
+                             f"indices are {self._KINDS}") from None
+
+    def _index_list(self, k, n):
+        """The normalised indices of a list / range / 1-D integer tensor index, else None."""
+        if isinstance(k, torch.Tensor):
+            if k.dim() == 0:
+                return None
+            if k.dtype == torch.bool or k.is_floating_point() or k.is_complex() or k.dim() != 1:
+                raise IndexError(f"get_slice of {self._info.name!r}: a {k.dim()}-D {k.dtype} tensor index is not "
+                                 f"supported; indices are {self._KINDS}")
+            k = k.tolist()
+        elif not isinstance(k, (list, range)):
+            return None
+        out = []
+        for i in k:
+            if isinstance(i, bool) or isinstance(i, (list, tuple)):
+                raise IndexError(f"get_slice of {self._info.name!r}: list indices must be ints, not "
+                                 f"{type(i).__name__} (indices are {self._KINDS})")
+            i = self._index_int(i)
+            if i < -n or i >= n:
+                raise IndexError(f"index {i} is out of bounds for dimension of size {n} of {self._info.name!r}")
+            out.append(i % n)
+        return out
+
     def _plan(self, key):
         """(output tensor, read item or None, post-indexing) for a key."""
         ck, info = self._ck, self._info
@@ -473,8 +563,16 @@ class TensorSlice:
                 start.append(a)
                 stop.append(b)
                 post.append(slice(None, None, step))
+            elif (idxs := self._index_list(k, n)) is not None:
+                # A list of indices (advanced indexing): read their bounding range, index it in memory
+                # with the same key, shifted; the result has torch's shape for t[key].
+                a = min(idxs, default=0)
+                b = max(idxs, default=-1) + 1
+                start.append(a)
+                stop.append(max(a, b))
+                post.append(torch.tensor([i - a for i in idxs], dtype=torch.long))
             else:
-                idx = int(k)
+                idx = self._index_int(k)
                 if idx < -n or idx >= n:
                     raise IndexError(f"index {idx} is out of bounds for dimension of size {n} of {info.name!r}")
                 idx %= n
@@ -492,5 +590,7 @@ def open_checkpoint(path, **options) -> Checkpoint:
     """Open a safetensors checkpoint: a file, a directory of shards (with or without
     ``model.safetensors.index.json``) or an index file. Options: staging_bytes (64 MiB),
     chunk_bytes (8 MiB), readers (8), staging_upstream ("host_pinned"), cold_cpu_path ("mmap", or
-    "read" / "direct" for owned memory: Note [Choosing the read path])."""
+    "read" / "direct" for owned memory: Note [Choosing the read path]), copy (False; True: every
+    tensor handed out is owned memory, never a view of the file, for files that may be truncated or
+    rewritten while the process runs: Note [Owned copies])."""
     return Checkpoint(os.fspath(path), **options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 
 
@@ -51,6 +52,23 @@ def describe(path) -> dict:
 
 
 def main(args) -> int:
+    """Exit status 0 valid, 1 invalid; a reader that closes the pipe early (``| head``) ends it quietly."""
+    try:
+        status = _main(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader is gone: point stdout at /dev/null so the interpreter's final flush cannot
+        # raise again, and exit as a tool killed by SIGPIPE would (128 + 13).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+def _main(args) -> int:
     from .checkpoint import CheckpointError
 
     try:

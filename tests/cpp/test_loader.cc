@@ -251,3 +251,51 @@ TEST_CASE("loader: host_pinned upstream") {
   CHECK_FALSE(unlocked.is_locked(p));
   unlocked.unmap(p, 8192, 0);
 }
+
+TEST_CASE("loader: issue 11 regressions (deep nesting, many tensors, strides, not-safetensors)") {
+  // ~70,000 deep anywhere: a CheckpointError naming the file, never a stack overflow
+  const std::string deep = std::string(70000, '[') + std::string(70000, ']');
+  for (const std::string& h : {R"({"a":{"dtype":)" + deep + R"(,"shape":[2],"data_offsets":[0,8]}})",
+                               R"({"a":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,8]}})",
+                               R"({"a":{"dtype":"F32","shape":[2],"data_offsets":)" + deep + "}}",
+                               R"({"__metadata__":)" + deep + "}", deep, R"({"a":)" + std::string(70000, '[')}) {
+    CHECK(rule_of(file_of(h, std::string(8, 0))) == kRuleHeaderNesting);
+  }
+  // many tensors, in JSON order unlike name or offset order: sorted by name, found by find()
+  const int n = 50000;
+  std::string h = "{";
+  for (int k = 0; k < n; ++k) {
+    const int i = (k * 7919) % n;  // a permutation (7919 is prime, n is not a multiple of it)
+    if (k) h += ",";
+    h += "\"t" + std::to_string(i) + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[" + std::to_string(i) + "," +
+         std::to_string(i + 1) + "]}";
+  }
+  h += "}";
+  Header hd = header_from_bytes("mem", file_of(h, std::string(n, 'x')));
+  REQUIRE(hd.tensors.size() == static_cast<size_t>(n));
+  for (size_t i = 1; i < hd.tensors.size(); ++i) CHECK(hd.tensors[i - 1].name < hd.tensors[i].name);
+  const TensorEntry* e = hd.find("t12345");
+  REQUIRE(e != nullptr);
+  CHECK(e->begin == 12345);
+  CHECK(hd.find("t50000") == nullptr);
+  // an empty tensor whose torch strides overflow int64
+  CHECK(rule_of(file_of(R"({"z":{"dtype":"F32","shape":[0,4294967293,4294967295],"data_offsets":[0,0]}})", "")) ==
+        kRuleStrideOverflow);
+  CHECK(rule_of(file_of(R"({"z":{"dtype":"F32","shape":[4611686018427387904,2,0],"data_offsets":[0,0]}})", "")) == "");
+  // a text file
+  CHECK(rule_of("hello world, this is text\n") == kRuleNotSafetensors);
+  CHECK(rule_of(file_of("{\"a\":" + kE + "}", std::string(8, 0), 100'000'001)) == kRuleHeaderTooLarge);
+}
+
+TEST_CASE("loader: tensor_at finds the tensor of a file offset") {
+  TempFile f(file_of("{\"a\":" + kE + R"(,"z":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},"b":{"dtype":"I8","shape":[3],"data_offsets":[8,11]}})",
+                     std::string(11, 'z')));
+  ShardFile s(f.path);
+  const uint64_t d = s.header().data_start;
+  CHECK(s.tensor_at(0) == nullptr);
+  CHECK(s.tensor_at(d)->name == "a");
+  CHECK(s.tensor_at(d + 7)->name == "a");
+  CHECK(s.tensor_at(d + 8)->name == "b");
+  CHECK(s.tensor_at(d + 10)->name == "b");
+  CHECK(s.tensor_at(d + 11) == nullptr);
+}
