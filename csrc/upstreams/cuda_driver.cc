@@ -157,21 +157,28 @@ void CudaDeviceUpstream::unmap(void* ptr, size_t bytes, uint64_t stream) {
   drv_.check("cuMemFree", drv_.cuMemFree(p));
 }
 
-void CudaDeviceUpstream::release_parked() {
+namespace {
+// Removes and returns the parked releases whose stream is no longer being captured (they may be
+// given back now); the others stay parked until their capture ends.
+std::vector<ParkedRelease> take_uncaptured(CudaDriver& drv, std::mutex& mu, std::vector<ParkedRelease>& parked) {
   std::vector<ParkedRelease> go;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (parked_.empty()) return;
-    for (size_t i = 0; i < parked_.size();) {
-      if (!drv_.capturing(parked_[i].stream)) {
-        go.push_back(parked_[i]);
-        parked_[i] = parked_.back();
-        parked_.pop_back();
-      } else {
-        ++i;
-      }
+  std::lock_guard<std::mutex> g(mu);
+  for (size_t i = 0; i < parked.size();) {
+    if (!drv.capturing(parked[i].stream)) {
+      go.push_back(parked[i]);
+      parked[i] = parked.back();
+      parked.pop_back();
+    } else {
+      ++i;
     }
   }
+  return go;
+}
+}  // namespace
+
+void CudaDeviceUpstream::release_parked() {
+  std::vector<ParkedRelease> go = take_uncaptured(drv_, mu_, parked_);
+  if (go.empty()) return;
   for (const ParkedRelease& r : go) drv_.check("cuMemFree", drv_.cuMemFree(r.addr));
 }
 
@@ -276,7 +283,7 @@ void CudaVmmUpstream::unreserve(void* base, size_t bytes, uint64_t /*stream*/) {
   drv_.check("cuMemAddressFree", drv_.cuMemAddressFree(b, bytes));
 }
 
-bool CudaVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t stream) {
+bool CudaVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t /*stream: mapping waits for nothing*/) {
   DriverScope scope(drv_, device_);
   if (!scope.ok()) return false;
   release_parked();
@@ -362,20 +369,8 @@ void CudaVmmUpstream::unmap_chunk(void* addr, size_t bytes, uint64_t stream) {
 }
 
 void CudaVmmUpstream::release_parked() {
-  std::vector<ParkedRelease> go;
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (parked_.empty()) return;
-    for (size_t i = 0; i < parked_.size();) {
-      if (!drv_.capturing(parked_[i].stream)) {
-        go.push_back(parked_[i]);
-        parked_[i] = parked_.back();
-        parked_.pop_back();
-      } else {
-        ++i;
-      }
-    }
-  }
+  std::vector<ParkedRelease> go = take_uncaptured(drv_, mu_, parked_);
+  if (go.empty()) return;
   std::unordered_map<uint64_t, bool> synced;
   for (const ParkedRelease& r : go) {
     if (!r.handle) {
