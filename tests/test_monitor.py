@@ -336,3 +336,14 @@ def test_missing_optional_package_is_named(python_subprocess, blocked, kwargs, p
     r = python_subprocess(f"import sys; sys.modules[{blocked!r}] = None\nimport torchpool\ntorchpool.install()\n"
                           f"try:\n    torchpool.monitor({kwargs})\nexcept ImportError as e:\n    print('ERR', e)")
     assert f"`{package}`" in r.stdout, r.stdout + r.stderr
+
+
+def test_demo_leak_step_names_the_planted_line():
+    import torchpool.leak_demo as demo
+
+    r = subprocess.run([sys.executable, "-m", "torchpool.leak_demo"], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "TORCHPOOL_CONF"})
+    assert r.returncode == 0, r.stderr
+    src = open(demo.__file__).read().splitlines()
+    line = next(i for i, ln in enumerate(src, 1) if "the planted leak" in ln)
+    assert "1 growing allocation site" in r.stdout and f"leak_demo.py:{line} in loop" in r.stdout, r.stdout

@@ -55,8 +55,7 @@ class Leak:
     def site(self) -> str:
         """The innermost frame outside torch and torchpool: the line to look at."""
         for s in reversed(self.stack):
-            path = s.rsplit(":", 1)[0] if " in " not in s else s.split(" in ", 1)[0].rsplit(":", 1)[0]
-            if not path.startswith(_SKIP_DIRS):
+            if not _in_skipped(s):
                 return s
         return self.stack[-1] if self.stack else "<no Python frame>"
 
@@ -233,7 +232,9 @@ def _split(s: str) -> tuple[str, int]:
 
 
 def _in_skipped(s: str) -> bool:
-    return _split(s)[0].startswith(_SKIP_DIRS)
+    """A frame inside torch or torchpool (whose demos count as user code)."""
+    path = _split(s)[0]
+    return path.startswith(_SKIP_DIRS) and not path.endswith("_demo.py")
 
 
 def _source(s: str) -> str:

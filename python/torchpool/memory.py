@@ -77,8 +77,20 @@ def memory_summary(device=None, abbreviated: bool = False) -> str:
     stats = _stats(device)
     if abbreviated:
         return format_report(stats, title=f"torchpool memory summary ({dev})", max_classes=0)
-    return format_report(stats, title=f"torchpool memory summary ({dev})", snapshot=memory_snapshot(dev),
-                         sites=live_sites())
+    snapshot = memory_snapshot(dev)
+    if dev == "cpu" and _C.monitor.sampler_running():  # sampled blocks carry their stacks
+        stacks: dict[int, list[str]] = {}
+        by_addr = {}
+        for sid, _b, _n, _c, _k in _C.monitor.sampler_live():
+            if sid not in stacks:
+                stacks[sid] = list(_C.monitor.sampler_stack(sid))
+            for addr, _size, _birth in _C.monitor.sampler_addresses(sid):
+                by_addr[addr] = stacks[sid]
+        for seg in snapshot:
+            for b in seg["blocks"]:
+                if b["state"] == "allocated" and b["address"] in by_addr:
+                    b["frames"] = by_addr[b["address"]]
+    return format_report(stats, title=f"torchpool memory summary ({dev})", snapshot=snapshot, sites=live_sites())
 
 
 def report_to_tracemalloc(enable: bool = True) -> None:

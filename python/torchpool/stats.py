@@ -111,6 +111,6 @@ def _short_site(stack: list[str]) -> str:
         pass
     skip.append(os.path.dirname(__file__) + os.sep)
     for s in reversed(stack):
-        if not s.startswith(tuple(skip)):
+        if not s.startswith(tuple(skip)) or s.split(":", 1)[0].endswith("_demo.py"):
             return s
     return stack[-1] if stack else "-"
