@@ -80,6 +80,7 @@ class LeakDetector:
         self.min_growth_bytes = int(min_growth_bytes)
         self._snaps: deque = deque(maxlen=self.window + 1)
         self._graph_sizes: dict = {}
+        self._graph_growing: set = set()
         self._steps = 0
         self._running = False
         if start:
@@ -129,18 +130,19 @@ class LeakDetector:
                 s[3].add(birth)
         self._snaps.append((now, sites))
         self._steps += 1
-        self._note_graphs(sys._getframe(1))
+        if self._steps % 2 == 0:  # a graph walk costs ~1 us per node: every other step is enough
+            self._note_graphs(sys._getframe(1))
 
     def _note_graphs(self, frame) -> None:
         """Note [Autograd graph leaks], the part torchpool's memory cannot show: when backward() has
         freed each step's saved tensors, `total = total + loss` still chains every step's graph
         nodes (heap memory, not tensors).  The caller's variables that hold a graph are counted each
-        step; a graph that grows every step is reported."""
+        other step (up to 20000 nodes); a graph that grew at each of the last min_steps counts is reported."""
         for name, v in list(frame.f_locals.items()):
             if isinstance(v, torch.Tensor) and v.grad_fn is not None:
                 key = (frame.f_code, name)
                 hist = self._graph_sizes.setdefault(key, deque(maxlen=self.min_steps + 1))
-                hist.append((self._steps, _count_nodes(v.grad_fn)))
+                hist.append((self._steps, _count_nodes(v.grad_fn, limit=20000)))
 
     # ---- results ----
     def leaks(self) -> list[Leak]:
@@ -167,10 +169,13 @@ class LeakDetector:
             _explain_graphs(out)
         explained = {lk.kept_by for lk in out if lk.kept_by}
         for (code, name), hist in self._graph_sizes.items():
-            if len(hist) < self.min_steps + 1 or hist[-1][0] != self._steps:
+            if len(hist) < self.min_steps + 1 or self._steps - hist[-1][0] > 1:
                 continue
             sizes = [n for _, n in hist]
-            if not all(b > a for a, b in zip(sizes, sizes[1:])):
+            if all(b > a for a, b in zip(sizes, sizes[1:])):
+                self._graph_growing.add((code, name))
+            elif (code, name) not in self._graph_growing or not all(b >= a for a, b in zip(sizes, sizes[1:])):
+                self._graph_growing.discard((code, name))  # a graph past the walk's limit keeps its verdict
                 continue
             if any(f"`{name}`" in why for why in explained):
                 continue  # already named as what keeps a growing site's tensors
@@ -179,7 +184,7 @@ class LeakDetector:
             src = linecache.getline(code.co_filename, line).strip() if line else ""
             out.append(Leak(stack=[where], live_bytes=0, growth_per_step=0, count=sizes[-1], steps=len(sizes) - 1,
                             kept_by=(f"the autograd graph of `{name}` ({where}{': `' + src + '`' if src else ''}), "
-                                     f"which links every step's graph ({sizes[-1]} nodes, +{(sizes[-1] - sizes[0]) // (len(sizes) - 1)} "
+                                     f"which links every step's graph ({sizes[-1]} nodes, +{(sizes[-1] - sizes[0]) // max(1, hist[-1][0] - hist[0][0])} "
                                      f"per step; their saved tensors were freed by backward, the nodes stay); accumulate "
                                      f"`{name} += loss.item()` (or `loss.detach()`) instead")))
         return out
