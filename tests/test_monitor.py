@@ -269,6 +269,7 @@ def test_forked_child_publishes_its_own_page_and_publish_0_turns_it_off(tmp_path
             torchpool._C.monitor.publish_now()
             os.write(w, b"x"); time.sleep(30); os._exit(0)
         os.read(r, 1)
+        torchpool._C.monitor.publish_now()  # the page is otherwise refreshed every 250 ms
         rows = {p["pid"]: p["memory_stats"]["allocated_bytes.all.current"] for p in read_pages()}
         os.kill(pid, 9); os.waitpid(pid, 0)
         print(json.dumps(dict(rows=rows, me=os.getpid(), child=pid)))
