@@ -7,6 +7,12 @@
 
 namespace torchpool::torch_glue {
 
+namespace {
+std::atomic<const AllocObserver*> g_observer{nullptr};  // Note [Allocation observer]
+}  // namespace
+
+void set_alloc_observer(const AllocObserver* observer) { g_observer.store(observer, std::memory_order_release); }
+
 CpuAllocatorSlot& CpuAllocatorSlot::instance() {
   static auto* slot = new CpuAllocatorSlot();  // immortal: tensors may be freed during exit
   return *slot;
@@ -59,6 +65,8 @@ c10::DataPtr CpuAllocatorSlot::allocate(size_t n) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, e.what());
   }
   if (p != nullptr && c10::memoryProfilingEnabled()) report_to_profiler(*a, p, static_cast<int64_t>(n));
+  if (const AllocObserver* o = g_observer.load(std::memory_order_acquire); o != nullptr && p != nullptr) [[unlikely]]
+    o->on_alloc(p, n);
   return {p, p, &free_ours, c10::Device(c10::DeviceType::CPU)};
 }
 
@@ -71,6 +79,8 @@ void CpuAllocatorSlot::report_to_profiler(CachingAllocator& a, void* p, int64_t 
 }
 
 bool CpuAllocatorSlot::free_if_ours(void* p) {
+  if (const AllocObserver* o = g_observer.load(std::memory_order_acquire); o != nullptr) [[unlikely]]
+    o->on_free(p);
   Router::Section section(router_);
   const bool profiling = c10::memoryProfilingEnabled();
   size_t size = 0;

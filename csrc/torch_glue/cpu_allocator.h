@@ -34,6 +34,19 @@
 
 namespace torchpool::torch_glue {
 
+// Note [Allocation observer]
+// --------------------------
+// Monitoring (leak sampling, tracemalloc reporting: csrc/bindings/monitor.cc) sees the slot's
+// allocations through one optional observer.  Off, it costs one relaxed load and a predictable
+// branch per allocation and free.  on_free runs before the block goes back to its allocator, so an
+// address is never reused while the observer still thinks it is live.  on_free also sees pointers
+// of the previous allocator (route_free); the observer ignores those it never saw allocated.
+struct AllocObserver {
+  void (*on_alloc)(void* p, size_t bytes);
+  void (*on_free)(void* p);
+};
+void set_alloc_observer(const AllocObserver* observer);  // nullptr: none
+
 class CpuAllocatorSlot final : public c10::Allocator, public ForkParticipant {
  public:
   static constexpr uint8_t kPriority = 0;

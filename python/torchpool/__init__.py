@@ -62,6 +62,16 @@ _LAZY = {
     "from_pretrained": "hf",
     "record_trace": "trace",
     "dump_snapshot": "memviz",
+    "LeakDetector": "leaks",
+    "Leak": "leaks",
+    "memory_allocated": "memory",
+    "max_memory_allocated": "memory",
+    "memory_reserved": "memory",
+    "max_memory_reserved": "memory",
+    "memory_summary": "memory",
+    "monitor": "export",
+    "report_to_tracemalloc": "memory",
+    "TRACEMALLOC_DOMAIN": "memory",
 }
 
 

@@ -29,6 +29,7 @@ OPTIONS: dict[str, tuple[type, str]] = {
     "alignment": (int, "alignment and size quantum of every block (power of two >= 64)"),
     "expandable_segments": (bool, "one reserved address range per stream, memory mapped in chunks behind allocated blocks "
                                   "(cpu: host_vmm, the default; cuda: VMM, off by default)"),
+    "publish": (bool, "publish counters for `torchpool top` in a shared-memory page (default on; torchpool/top.py)"),
     "reserve_bytes": (int, "address space reserved per expandable segment (0: the memory size of the machine / device)"),
 }
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30

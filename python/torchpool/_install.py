@@ -31,6 +31,7 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     "Statistics"). An allocator with no tensor left is freed and its memory returned.
     """
     kind = _device_kind(device)
+    publish = _config._parse_bool("publish", options.pop("publish", True))  # `torchpool top` (top.py)
     if kind == "cuda":
         from . import cuda
 
@@ -47,6 +48,9 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
         cfg.pop("chunk_bytes", None)  # a property of expandable segments only
     alloc = _C.Allocator("host_vmm" if expandable else "host", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
+    from .top import set_publishing
+
+    set_publishing(publish)
     return alloc
 
 

@@ -13,6 +13,7 @@ COMMANDS = {
     "run": ("torchpool.launch", "run a Python script or module with torchpool installed from its first line"),
     "inspect": ("torchpool.inspect", "describe and validate a safetensors checkpoint"),
     "bench": ("torchpool.bench", "benchmarks (fragmentation replay)"),
+    "top": ("torchpool.top", "every process using torchpool: allocated, reserved, peaks, fragmentation, OOMs"),
 }
 
 

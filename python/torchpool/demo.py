@@ -26,6 +26,7 @@ from .stats import fmt_bytes, format_report, format_table
 STEPS = {
     "torchpool.loader_demo": "lazy checkpoint under a memory budget",
     "torchpool.fragmentation_demo": "fragmentation of this run's allocations, replayed",
+    "torchpool.leak_demo": "a planted leak, found by torchpool.LeakDetector",
 }
 
 

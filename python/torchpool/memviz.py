@@ -9,8 +9,10 @@ Drag the file onto https://pytorch.org/memory_viz, or use torch.cuda._memory_viz
 The format is what torch.cuda.memory._snapshot() returns: {"segments": [...], "device_traces": [...]}.
 torchpool's block states map to PyTorch's: allocated -> active_allocated, deferred (freed by its owner,
 still in use by another stream) -> active_pending_free, free and cached (a size-class block kept for
-reuse) -> inactive.  Frames are empty unless the trace was recorded with stacks=True, whose Python
-stacks become the alloc events' frames.
+reuse) -> inactive.  Frames are empty unless stacks were recorded: a trace recorded with stacks=True
+gives its alloc events their Python stacks, and each live block the stack of the alloc that made it;
+while a LeakDetector runs, the blocks it sampled carry their stacks too (Note [Sampled allocation
+stacks]).
 """
 
 from __future__ import annotations
@@ -41,14 +43,55 @@ def _frames(stack: list[str]) -> list[dict]:
     return out
 
 
-def segments(snapshot: list[dict], device=0) -> list[dict]:
-    """torchpool.memory_snapshot() segments -> memory_viz segment dicts."""
+def _sampler_frames(stack: list[str]) -> list[dict]:
+    """LeakDetector stacks ("path:line in function", innermost last) -> frame dicts, innermost first."""
+    out = []
+    for s in reversed(stack):
+        loc, _, name = s.rpartition(" in ")
+        filename, _, line = loc.rpartition(":")
+        out.append({"filename": filename, "line": int(line) if line.isdigit() else 0, "name": name})
+    return out
+
+
+def block_frames(trace=None) -> dict[int, list[dict]]:
+    """address -> frames of the allocation that made the live block there: from a trace recorded with
+    stacks=True (the latest alloc at each address not freed since), else from a running LeakDetector's
+    samples."""
+    out: dict[int, list[dict]] = {}
+    from ._build import _C
+
+    if _C.monitor.sampler_running():
+        cache: dict[int, list[dict]] = {}
+        for sid, _b, _n, _c, _k in _C.monitor.sampler_live():
+            if sid not in cache:
+                cache[sid] = _sampler_frames(list(_C.monitor.sampler_stack(sid)))
+            for addr, _size, _birth in _C.monitor.sampler_addresses(sid):
+                out[addr] = cache[sid]
+    if trace is not None:
+        stacks = [_frames(st) for st in trace.header.get("stacks") or []]
+        by_event = {int(i): int(k) for i, k in trace.header.get("event_stacks") or []}
+        rec = trace.records
+        for i in range(len(rec)):
+            op, addr = int(rec["op"][i]), int(rec["addr"][i])
+            if op == 0 and i in by_event:
+                out[addr] = stacks[by_event[i]]
+            elif op in (0, 1):
+                out.pop(addr, None)
+    return out
+
+
+def segments(snapshot: list[dict], device=0, frames: dict[int, list[dict]] | None = None) -> list[dict]:
+    """torchpool.memory_snapshot() segments -> memory_viz segment dicts; `frames` (address -> frame
+    dicts, block_frames()) gives live blocks their allocation stacks."""
     dev = device if isinstance(device, int) else _device_index(device)
+    frames = frames or {}
     out = []
     for seg in snapshot:
         blocks = [{"address": b["address"], "size": b["size"],
                    "requested_size": b["requested_size"] if b["state"] in ("allocated", "deferred") else 0,
-                   "state": _STATES[b["state"]], "frames": []} for b in seg["blocks"]]
+                   "state": _STATES[b["state"]],
+                   "frames": frames.get(b["address"], []) if b["state"] in ("allocated", "deferred") else []}
+                  for b in seg["blocks"]]
         out.append({
             "device": dev,
             "address": seg["address"],
@@ -97,7 +140,7 @@ def to_memory_viz(snapshot: list[dict], device="cpu", trace=None) -> dict:
 
             trace = load(trace)
         traces[dev] = device_trace(trace)
-    return {"segments": segments(snapshot, dev), "device_traces": traces}
+    return {"segments": segments(snapshot, dev, block_frames(trace)), "device_traces": traces}
 
 
 def dump_snapshot(path: str | os.PathLike, device="cpu", trace=None) -> Path:

@@ -42,8 +42,11 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(out)
 
 
-def format_report(stats: dict, title: str = "torchpool memory", max_classes: int = 12) -> str:
-    """A report a person can read: the gauges, the fragmentation measures, the busiest size classes."""
+def format_report(stats: dict, title: str = "torchpool memory", max_classes: int = 12, snapshot: list | None = None,
+                  max_blocks: int = 8, sites: list | None = None, max_sites: int = 8) -> str:
+    """A report a person can read: the gauges, the fragmentation measures, the busiest size classes;
+    with `snapshot` (torchpool.memory_snapshot()) the largest live blocks, and with `sites`
+    ([{"stack", "bytes", "blocks"}], e.g. torchpool.memory.live_sites()) the top allocation sites."""
     s = stats if "utilization" in stats else derive(stats)
     rows = []
     for name in ("allocated_bytes", "requested_bytes", "reserved_bytes", "inactive_split_bytes", "cached_class_bytes"):
@@ -71,4 +74,43 @@ def format_report(stats: dict, title: str = "torchpool memory", max_classes: int
                          fmt_bytes(waste) if c["allocated_blocks"] else "-"])
         out += ["", f"busiest size classes (of {len(s.get('size_classes', []))} used)",
                 format_table(["class", "allocs", "hit rate", "live", "peak live", "parked", "live waste"], rows)]
+    if snapshot is not None:
+        out += _largest_blocks(snapshot, max_blocks)
+    if sites:
+        rows = [[fmt_bytes(x["bytes"]), x["blocks"], _short_site(x["stack"])] for x in sites[:max_sites]]
+        out += ["", "top allocation sites (live bytes, sampled estimates)",
+                format_table(["live", "blocks", "allocated at (innermost frame outside torch)"], rows)]
     return "\n".join(out)
+
+
+def _largest_blocks(snapshot: list, limit: int) -> list[str]:
+    blocks = [(b, seg) for seg in snapshot for b in seg["blocks"] if b["state"] == "allocated"]
+    if not blocks:
+        return ["", "largest live blocks: none"]
+    blocks.sort(key=lambda bs: -bs[0]["size"])
+    rows = []
+    for b, seg in blocks[:limit]:
+        frames = b.get("frames") or []
+        rows.append([fmt_bytes(b["size"]), fmt_bytes(b["requested_size"]), f"0x{b['address']:x}",
+                     f"{seg.get('segment_type', '?')} 0x{seg['address']:x}",
+                     _short_site(frames) if frames else "-"])
+    return ["", f"largest live blocks (of {len(blocks)})",
+            format_table(["size", "requested", "address", "segment", "allocated at"], rows)]
+
+
+def _short_site(stack: list[str]) -> str:
+    """The innermost frame of a stack (innermost last) that is not inside torch or torchpool."""
+    import os
+
+    skip = []
+    try:
+        import torch
+
+        skip.append(os.path.dirname(torch.__file__) + os.sep)
+    except ImportError:  # pragma: no cover
+        pass
+    skip.append(os.path.dirname(__file__) + os.sep)
+    for s in reversed(stack):
+        if not s.startswith(tuple(skip)) or s.split(":", 1)[0].endswith("_demo.py"):
+            return s
+    return stack[-1] if stack else "-"
