@@ -188,7 +188,20 @@ def test_memory_queries_summary_and_frames(python_subprocess):
 
 def test_memory_queries_refuse_when_not_installed(python_subprocess):
     r = python_subprocess("import torchpool\ntry:\n    torchpool.memory_allocated()\nexcept RuntimeError as e:\n    print('refused', e)")
-    assert "refused" in r.stdout and "install" in r.stdout
+    assert "refused" in r.stdout and "install" in r.stdout, r.stdout + r.stderr
+
+
+def test_memory_queries_keep_describing_live_blocks_after_uninstall(python_subprocess):
+    r = python_subprocess(
+        "import torch, torchpool\n"
+        "torchpool.install()\n"
+        "t = torch.empty(1 << 20, dtype=torch.uint8)\n"
+        "torchpool.uninstall()\n"
+        "print(torchpool.memory_allocated() >= (1 << 20), torchpool.max_memory_allocated() >= (1 << 20))\n"
+        "del t\n"
+        "print(torchpool.memory_allocated(), torchpool.max_memory_allocated() >= (1 << 20))\n"
+    )
+    assert r.stdout.split() == ["True", "True", "0", "True"], r.stdout + r.stderr
 
 
 def test_tracemalloc_sees_tensors(python_subprocess):

@@ -7,8 +7,8 @@
     torchpool.report_to_tracemalloc()   # tracemalloc sees live blocks (domain TRACEMALLOC_DOMAIN)
 
 `device` is anything torch.device() takes, or an int (a CUDA ordinal, as in torch.cuda); None is the
-CPU.  torchpool must serve the device (torchpool.install()); otherwise these raise rather than
-answer 0.
+CPU.  torchpool must serve or have served the device (torchpool.install()); otherwise these raise
+rather than answer 0.  After uninstall() they keep describing torchpool's blocks still alive.
 """
 
 from __future__ import annotations
@@ -29,9 +29,18 @@ def _device(device) -> str:
 
 
 def _stats(device) -> dict:
-    from ._install import memory_stats
+    from ._install import is_installed, memory_stats
 
-    return memory_stats(_device(device))
+    dev = _device(device)
+    stats = memory_stats(dev)
+    # memory_stats() stays readable after uninstall() (its numbers still describe torchpool's blocks);
+    # but where torchpool never served the CPU, a 0 would read as "this program uses no memory".
+    if dev == "cpu" and not is_installed(dev) and stats["allocation.all.allocated"] == 0:
+        raise RuntimeError(
+            "torchpool has not served the CPU in this process, so it has no memory figures: call "
+            "torchpool.install() (or set TORCHPOOL_CONF=cpu=1) before the tensors you want counted"
+        )
+    return stats
 
 
 def memory_allocated(device=None) -> int:
