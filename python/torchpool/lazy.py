@@ -657,6 +657,18 @@ def _bind(model, path, device, budget_bytes, *, strict, dtype, mode, key_map, ti
     return binding
 
 
+def _prepare(model, caller: str, **kw):
+    """The model to bind (built under init_empty_weights when given a callable) and the binding
+    rules, completed with a transformers model's own (ties, ignored and missable keys)."""
+    if not isinstance(model, torch.nn.Module):
+        if not callable(model):
+            raise TypeError(f"{caller}: model must be an nn.Module or a callable that builds one")
+        with init_empty_weights():
+            model = model()
+    _hf_rules(model, kw)
+    return model, kw
+
+
 def load_lazily(model, path, device="cpu", budget_bytes: int | None = None, *, strict: bool = True, dtype=None,
                 mode: str = "auto", key_map: dict | None = None, tied: dict | None = None,
                 ignore_unexpected=(), ignore_missing=(), fix_meta=None, **checkpoint_options) -> torch.nn.Module:
@@ -680,14 +692,8 @@ def load_lazily(model, path, device="cpu", budget_bytes: int | None = None, *, s
     naming it. ``dtype``: allows converting checkpoint tensors to the dtype of the model tensor each
     is bound to (without it a dtype difference raises). ``key_map``: ``{checkpoint name: model
     name}`` for renamed keys. ``mode``: the read path of each load ("auto", "mmap", "read")."""
-    if not isinstance(model, torch.nn.Module):
-        if not callable(model):
-            raise TypeError("load_lazily: model must be an nn.Module or a callable that builds one")
-        with init_empty_weights():
-            model = model()
-    kw = dict(key_map=key_map, tied=tied, ignore_unexpected=ignore_unexpected, ignore_missing=ignore_missing,
-              fix_meta=fix_meta)
-    _hf_rules(model, kw)
+    model, kw = _prepare(model, "load_lazily", key_map=key_map, tied=tied, ignore_unexpected=ignore_unexpected,
+                         ignore_missing=ignore_missing, fix_meta=fix_meta)
     _bind(model, path, device, budget_bytes, strict=strict, dtype=dtype, mode=mode,
           checkpoint_options=checkpoint_options, caller="load_lazily", **kw)
     return model
@@ -699,14 +705,8 @@ def load_into(model, path, device="cpu", *, strict: bool = True, dtype=None, mod
     ``Checkpoint.load``) and assigned to the model with the same rules as ``load_lazily`` (ties bound
     once and kept, ignorable and legacy keys skipped, nothing left on meta); no hooks stay behind and
     the model holds ordinary tensors (zero-copy views of the mapping on the CPU)."""
-    if not isinstance(model, torch.nn.Module):
-        if not callable(model):
-            raise TypeError("load_into: model must be an nn.Module or a callable that builds one")
-        with init_empty_weights():
-            model = model()
-    kw = dict(key_map=key_map, tied=tied, ignore_unexpected=ignore_unexpected, ignore_missing=ignore_missing,
-              fix_meta=fix_meta)
-    _hf_rules(model, kw)
+    model, kw = _prepare(model, "load_into", key_map=key_map, tied=tied, ignore_unexpected=ignore_unexpected,
+                         ignore_missing=ignore_missing, fix_meta=fix_meta)
     b = _bind(model, path, device, None, strict=strict, dtype=dtype, mode=mode,
               checkpoint_options=checkpoint_options, caller="load_into", **kw)
     try:
