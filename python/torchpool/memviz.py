@@ -33,21 +33,12 @@ def _device_index(device) -> int:
     return torch.device(device).index or 0
 
 
-def _frames(stack: list[str]) -> list[dict]:
-    """trace.py's "file:line function" strings (innermost last) -> PyTorch's frame dicts (innermost first)."""
+def _frames(stack: list[str], sep: str = " ") -> list[dict]:
+    """Stack strings, innermost last, -> PyTorch's frame dicts, innermost first.  trace.py writes
+    "file:line function" (sep " "); the LeakDetector's sampler "path:line in function" (sep " in ")."""
     out = []
     for s in reversed(stack):
-        loc, _, name = s.partition(" ")
-        filename, _, line = loc.rpartition(":")
-        out.append({"filename": filename, "line": int(line) if line.isdigit() else 0, "name": name})
-    return out
-
-
-def _sampler_frames(stack: list[str]) -> list[dict]:
-    """LeakDetector stacks ("path:line in function", innermost last) -> frame dicts, innermost first."""
-    out = []
-    for s in reversed(stack):
-        loc, _, name = s.rpartition(" in ")
+        loc, _, name = s.partition(sep) if sep == " " else s.rpartition(sep)
         filename, _, line = loc.rpartition(":")
         out.append({"filename": filename, "line": int(line) if line.isdigit() else 0, "name": name})
     return out
@@ -64,7 +55,7 @@ def block_frames(trace=None) -> dict[int, list[dict]]:
         cache: dict[int, list[dict]] = {}
         for sid, _b, _n, _c, _k in _C.monitor.sampler_live():
             if sid not in cache:
-                cache[sid] = _sampler_frames(list(_C.monitor.sampler_stack(sid)))
+                cache[sid] = _frames(list(_C.monitor.sampler_stack(sid)), sep=" in ")
             for addr, _size, _birth in _C.monitor.sampler_addresses(sid):
                 out[addr] = cache[sid]
     if trace is not None:
