@@ -104,14 +104,14 @@ def test_plot_is_readable(tmp_path):
         return {"trace": "t", "allocator": name, "peak_live_bytes": 30 << 20, "peak_reserved_bytes": max(x[2] for x in tl),
                 "_extra": {"timeline": tl, "segments_at_peak": segs or [], "peak_reserved_op": 50}}
 
-    rows = [row("torchpool", tl_a, seg_small), row("torchpool-nolimit", tl_a), row("pytorch", tl_b, seg_exp),
+    rows = [row("torchpool", tl_a, seg_small), row("torchpool-segments-no-target", tl_a), row("pytorch", tl_b, seg_exp),
             row("glibc", tl_b[:2] + [(99, 0, 61 << 20)])]
     fig = plots.plot_timelines(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     timeline = fig.axes[0]
     labels = [ln.get_label() for ln in timeline.get_lines()]
     # identical series drawn once, named together; every other series its own line
-    assert labels[0].startswith("live") and "torchpool = torchpool-nolimit, peak 40 MiB" in labels
+    assert labels[0].startswith("live") and "torchpool = torchpool-segments-no-target, peak 40 MiB" in labels
     assert sum("pytorch" in x for x in labels) == 1 and any(x.startswith("glibc") for x in labels)
     styles = [(ln.get_color(), str(ln.get_linestyle())) for ln in timeline.get_lines()[1:]]
     assert len(set(styles)) == len(styles) and all(ln.get_linewidth() >= 1.4 for ln in timeline.get_lines())

@@ -366,3 +366,55 @@ def test_the_callers_context_is_restored_and_memory_comes_from_the_device_asked_
         print(json.dumps({"device": fake.fake_cuda_device_of(p), "restored": fake.fake_cuda_current_context() == before}))
         """)
     assert out == {"device": 0, "restored": True}
+
+
+def test_cuda_library_checks_options_by_the_same_schema(python_subprocess, fake_driver):
+    # Note [One option schema]: the text boundary of libtorchpool_cuda.so parses and checks every option
+    # with the same rule (and states it with the same text) as install() and Allocator(**kwargs).
+    from test_options import NUMERIC, _bad_and_good
+
+    cases = [(o["name"], *_bad_and_good(o), o["range"]) for o in NUMERIC if "cuda" in o["devices"]]
+    out = run(python_subprocess, fake_driver, f"""
+        lib = tc._library()
+        res = {{}}
+        for name, bad, good, rule in {cases!r}:
+            rc_bad = lib.torchpool_cuda_configure(f"{{name}}={{bad}}".encode())
+            err = tc._last_error()
+            res[name] = [rc_bad, err, rule, lib.torchpool_cuda_configure(f"{{name}}={{good}}".encode())]
+        res["chunk_bytes"] = [lib.torchpool_cuda_configure(b"chunk_bytes=4096"), tc._last_error()]
+        res["publish"] = [lib.torchpool_cuda_configure(b"publish=1"), tc._last_error()]
+        res["bool"] = [lib.torchpool_cuda_configure(b"expandable_segments=yes"), tc._last_error()]
+        print(json.dumps(res))
+        """)
+    assert len(out) > 10
+    for name in [c[0] for c in cases]:
+        rc_bad, err, rule, rc_good = out[name]
+        assert rc_bad == -1 and rc_good == 0, (name, err)
+        assert f"option {name}=" in err and err.endswith("valid: " + rule), err
+    assert out["chunk_bytes"] == [-1, "torchpool: option 'chunk_bytes' does not apply to CUDA"]
+    assert out["publish"] == [-1, "torchpool: unknown CUDA allocator option 'publish'"]
+    assert out["bool"][0] == -1 and "a boolean" in out["bool"][1]
+
+
+def test_cuda_stats_and_snapshot_are_the_cpu_serializer(python_subprocess, fake_driver):
+    # Note [One serializer]: the same keys (and, for the same operations on the same policy, the same
+    # values) from the CUDA library's JSON as from Allocator.stats() / snapshot(); mapped_size included.
+    out = run(python_subprocess, fake_driver, """
+        tc.configure(alignment=64)              # the CPU default's alignment: the same policy
+        ops = [5 * MiB, 1000, 70000, 3000]
+        def drive(a):
+            ps = [a.allocate(n) for n in ops]
+            a.free(ps[1])
+            return ps
+        cuda = tc.CudaAllocator(0)
+        cpu = torchpool.Allocator("fake", arenas=1, max_reserved_ratio=1.05)
+        drive(cuda); drive(cpu)
+        strip = lambda segs: sorted((json.dumps({k: v for k, v in s.items() if k not in ("address", "stream")} | {
+            "blocks": [{k: v for k, v in b.items() if k != "address"} for b in s["blocks"]]}) for s in segs))
+        print(json.dumps({"cuda": cuda.stats(), "cpu": cpu.stats(), "cuda_snap": strip(cuda.snapshot()),
+                          "cpu_snap": strip(cpu.snapshot()), "via": torchpool.memory_snapshot("cuda:0")[0]["blocks"][0]}))
+        """)
+    assert set(out["cuda"]) == set(out["cpu"]) and out["cuda"]["size_classes"]
+    assert out["cuda"] == out["cpu"]
+    assert out["cuda_snap"] == out["cpu_snap"] and len(out["cuda_snap"]) >= 2
+    assert {"mapped_size", "size", "requested_size", "size_class", "state", "address"} <= set(out["via"])

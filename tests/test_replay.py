@@ -29,8 +29,8 @@ def _trace(sizes_per_step, steps=6, name="t"):
 
 def test_rows_have_the_documented_keys_and_consistent_values():
     t = _trace(lambda s: [3 * MiB, 1000, 5000 + s])
-    rows = R.replay(t, ["torchpool", "pytorch", "pytorch-expandable"], repeats=1)
-    assert [r["allocator"] for r in rows] == ["torchpool", "pytorch", "pytorch-expandable"]
+    rows = R.replay(t, ["torchpool-segments", "pytorch", "pytorch-expandable"], repeats=1)
+    assert [r["allocator"] for r in rows] == ["torchpool-segments", "pytorch", "pytorch-expandable"]
     for r in rows:
         assert set(R.public(r)) == set(R.ROW_KEYS)
         assert r["trace"] == "t"
@@ -41,8 +41,9 @@ def test_rows_have_the_documented_keys_and_consistent_values():
     by = {r["allocator"]: r for r in rows}
     # PyTorch puts a 3 MiB request in a 20 MiB buffer (kLargeBuffer) plus a 2 MiB small segment.
     assert by["pytorch"]["peak_reserved_bytes"] == 22 * MiB
-    # torchpool rounds the large segment to the 2 MiB granularity: 4 MiB + one 2 MiB small segment.
-    assert by["torchpool"]["peak_reserved_bytes"] == 6 * MiB
+    # torchpool with one mapping per segment rounds the large segment to the 2 MiB granularity: 4 MiB +
+    # one 2 MiB small segment.
+    assert by["torchpool-segments"]["peak_reserved_bytes"] == 6 * MiB
     assert by["pytorch-expandable"]["peak_reserved_bytes"] == 22 * MiB  # one 20 MiB page + 2 MiB small
 
 

@@ -228,7 +228,7 @@ def test_replay_compile_checks_every_size():
     # the largest admitted block replays with exact numbers on every fake-address allocator
     t = T.loads(H.native([H.record(0, size=1 << 40), H.record(0, addr=0x20000, size=4096),
                           H.record(1, size=1 << 40)]))
-    for row in R.replay(t, ["torchpool", "torchpool-expandable", "pytorch", "pytorch-expandable"], repeats=1):
+    for row in R.replay(t, ["torchpool", "torchpool-segments", "pytorch", "pytorch-expandable"], repeats=1):
         assert row["peak_live_bytes"] == (1 << 40) + 4096, row
         assert 0 < row["utilization"] <= 1, row
 

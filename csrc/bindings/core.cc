@@ -1,13 +1,16 @@
 // Bindings of the core: Allocator (a CachingAllocator over a chosen upstream), stats, snapshot, trace.
 #include <pybind11/stl.h>
 
-#include <limits>
+#include <algorithm>
 #include <memory>
-#include <type_traits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include "../core/allocator.h"
+#include "../core/options.h"
+#include "../core/serialize.h"
 #include "../upstreams/fake.h"
 #include "../upstreams/host_mmap.h"
 #include "common.h"
@@ -19,74 +22,157 @@ using namespace torchpool;
 namespace torchpool::bindings {
 
 namespace {
-// A clear error naming the option, the value and the valid range instead of pybind's "Unable to cast".
-template <typename T>
-T take(py::dict& d, const char* key, T fallback) {
-  if (!d.contains(key)) return fallback;
-  py::object value = d[key];
-  T v;
-  try {
-    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-      if (!py::isinstance<py::int_>(value) || py::isinstance<py::bool_>(value)) throw py::cast_error();
-    }
-    v = value.cast<T>();
-  } catch (const py::cast_error&) {
-    std::string range;
-    if constexpr (std::is_same_v<T, bool>) range = "a boolean";
-    else if constexpr (std::is_floating_point_v<T>) range = "a number";
-    else if constexpr (std::is_integral_v<T>)
-      range = "an integer from " + std::to_string(std::numeric_limits<T>::min()) + " to " +
-              std::to_string(std::numeric_limits<T>::max());
-    else range = "a string";
-    throw py::value_error("torchpool: option " + std::string(key) + "=" + py::repr(value).cast<std::string>() +
-                          " is out of range; valid: " + range);
+
+// A Python value as the option's type, checked by the schema's rule (Note [One option schema]).
+OptionValue to_value(const OptionInfo& info, py::handle value) {
+  const auto bad = [&](const char* what) {
+    return py::value_error("torchpool: option " + std::string(info.name) + "=" + py::repr(value).cast<std::string>() +
+                           " " + what + "; valid: " + rule_text(info));
+  };
+  OptionValue x;
+  const bool is_bool = py::isinstance<py::bool_>(value);
+  const bool is_int = py::isinstance<py::int_>(value) && !is_bool;
+  switch (info.type) {
+    case OptionType::kBool:
+      if (is_bool) x.u = value.cast<bool>();
+      else if (is_int && (value.cast<py::int_>().equal(py::int_(0)) || value.cast<py::int_>().equal(py::int_(1))))
+        x.u = value.cast<int>();
+      else throw bad("is not a boolean");
+      return x;
+    case OptionType::kRatio:
+      if (!is_int && !py::isinstance<py::float_>(value)) throw bad("is not a number");
+      x.d = PyFloat_AsDouble(value.ptr());
+      if (x.d == -1.0 && PyErr_Occurred()) {  // an int too large for a double
+        PyErr_Clear();
+        throw bad("is out of range");
+      }
+      break;
+    case OptionType::kBytes:
+    case OptionType::kCount:
+      if (!is_int) throw bad("is not an integer");
+      x.u = PyLong_AsUnsignedLongLong(value.ptr());
+      if (x.u == static_cast<uint64_t>(-1) && PyErr_Occurred()) {  // negative, or above 2**64-1
+        PyErr_Clear();
+        throw bad("is out of range");
+      }
+      break;
   }
-  d.attr("pop")(key);
-  return v;
+  if (!in_range(info, x)) throw bad("is out of range");
+  return x;
 }
+
+py::object to_python(const OptionInfo& info, const OptionValue& x) {
+  switch (info.type) {
+    case OptionType::kBool: return py::bool_(x.u != 0);
+    case OptionType::kRatio: return py::float_(x.d);
+    default: return py::int_(x.u);
+  }
+}
+
+const char* scope_name(OptionScope s) {
+  switch (s) {
+    case OptionScope::kPool: return "pool";
+    case OptionScope::kUpstream: return "upstream";
+    case OptionScope::kInstall: return "install";
+  }
+  return "?";
+}
+
+std::mutex g_values_mu;
+std::unordered_map<const CachingAllocator*, OptionValues> g_values;  // Allocator.options
+
+// Builds dicts and lists as the serializer walks (Note [One serializer], core/serialize.h).
+class PyEmitter {
+ public:
+  void begin_object() { open(py::dict()); }
+  void end_object() { stack_.pop_back(); }
+  void begin_array() { open(py::list()); }
+  void end_array() { stack_.pop_back(); }
+  void key(std::string_view k) { key_ = py::str(k.data(), k.size()); }
+  void value(int64_t v) { put(py::int_(v)); }
+  void value(uint64_t v) { put(py::int_(v)); }
+  void value(bool v) { put(py::bool_(v)); }
+  void value(std::string_view v) { put(py::str(v.data(), v.size())); }
+  py::object result() const { return result_; }
+
+ private:
+  void put(py::object v) {
+    if (stack_.empty()) result_ = v;
+    else if (py::isinstance<py::dict>(stack_.back())) stack_.back()[key_] = v;
+    else stack_.back().cast<py::list>().append(v);
+  }
+  void open(py::object container) {
+    put(container);
+    stack_.push_back(container);
+  }
+  std::vector<py::object> stack_;
+  py::object result_;
+  py::object key_;
+};
+
 }  // namespace
 
-std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream, py::dict options) {
+std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream_name, py::dict options) {
   py::dict o = options.attr("copy")();
-  AllocatorConfig c;
-  c.pool.alignment = take<size_t>(o, "alignment", c.pool.alignment);
-  c.pool.size_classes = take<bool>(o, "size_classes", c.pool.size_classes);
-  c.pool.max_class_bytes = take<size_t>(o, "max_class_bytes", c.pool.max_class_bytes);
-  c.pool.small_segment_bytes = take<size_t>(o, "small_segment_bytes", c.pool.small_segment_bytes);
-  c.pool.large_rounding = take<size_t>(o, "large_rounding", c.pool.large_rounding);
-  c.pool.min_split_bytes = take<size_t>(o, "min_split_bytes", c.pool.min_split_bytes);
-  c.pool.max_split_bytes = take<size_t>(o, "max_split_bytes", c.pool.max_split_bytes);
-  c.pool.max_cached_bytes = take<size_t>(o, "max_cached_bytes", c.pool.max_cached_bytes);
-  c.pool.max_reserved_ratio = take<double>(o, "max_reserved_ratio", c.pool.max_reserved_ratio);
-  if (!(c.pool.max_reserved_ratio == 0 || c.pool.max_reserved_ratio >= 1))
-    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio >= 1");
-  c.max_bytes = take<size_t>(o, "max_bytes", 0);
-  c.arenas = take<unsigned>(o, "arenas", 1);
-  if (c.arenas > 256)
-    throw py::value_error("torchpool: option arenas=" + std::to_string(c.arenas) + " is out of range; valid: 1 to 256");
+  OptionValues v = default_options(Device::kCpu);
+  std::vector<const OptionInfo*> given;
+  for (auto item : py::list(o.attr("items")())) {
+    const py::tuple kv = item.cast<py::tuple>();
+    const std::string name = py::str(kv[0]).cast<std::string>();
+    const OptionInfo* info = find_option(name);
+    if (!info) continue;  // an upstream's construction argument, or unknown (refused below)
+    if (info->scope == OptionScope::kInstall)
+      throw py::value_error("torchpool: option '" + name + "' is read by torchpool.install(), not by Allocator()");
+    set_option(v, *info, to_value(*info, kv[1]));
+    given.push_back(info);
+    o.attr("pop")(kv[0]);
+  }
+  std::string upstream = upstream_name;
+  if (upstream == "cpu") {  // what install() builds: the expandable_segments option picks the upstream
+    upstream = v.expandable_segments ? "host_vmm" : "host";
+    std::erase_if(given, [](const OptionInfo* i) { return i->id == OptionId::expandable_segments; });
+  }
+  const auto f = upstream_factories().find(upstream);
+  if (f == upstream_factories().end()) throw py::value_error("torchpool: unknown upstream '" + upstream + "'");
+  for (const OptionInfo* info : given)
+    if (info->scope == OptionScope::kUpstream &&
+        std::find(f->second.uses.begin(), f->second.uses.end(), info->name) == f->second.uses.end())
+      throw py::value_error("torchpool: option '" + std::string(info->name) + "' does not apply to upstream '" + upstream +
+                            "'");
+  AllocatorConfig c = allocator_config(v, Device::kCpu);
   c.device = take<int32_t>(o, "device_index", -1);
   c.device_name = take<std::string>(o, "device_name", "cpu");
-  std::shared_ptr<Upstream> up;
-  if (upstream == "host") {
-    HostMmapOptions h;
-    h.huge_pages = take<bool>(o, "huge_pages", h.huge_pages);
-    h.populate = take<bool>(o, "populate", h.populate);
-    up = std::make_shared<HostMmapUpstream>(h);
-  } else if (upstream == "fake") {
-    const size_t cap = take<size_t>(o, "capacity", SIZE_MAX);
-    const size_t gran = take<size_t>(o, "granularity", 2u << 20);
-    up = std::make_shared<FakeUpstream>(cap, gran);
-  } else if (auto f = upstream_factories().find(upstream); f != upstream_factories().end()) {
-    up = f->second(o);
-  } else {
-    throw py::value_error("torchpool: unknown upstream '" + upstream + "'");
-  }
+  std::shared_ptr<Upstream> up = f->second.make(v, o, c.device);
   if (!o.empty()) {
     std::string keys;
     for (auto item : o) keys += (keys.empty() ? "" : ", ") + py::str(item.first).cast<std::string>();
-    throw py::value_error("torchpool: unknown allocator option(s): " + keys);
+    throw py::value_error("torchpool: unknown allocator option(s): " + keys + " (the options: torchpool.options())");
   }
-  return std::make_shared<CachingAllocator>(std::move(up), std::move(c));
+  auto* a = new CachingAllocator(std::move(up), std::move(c));
+  {
+    std::lock_guard<std::mutex> g(g_values_mu);
+    g_values[a] = v;
+  }
+  return std::shared_ptr<CachingAllocator>(a, [](CachingAllocator* p) {
+    {
+      std::lock_guard<std::mutex> g(g_values_mu);
+      g_values.erase(p);
+    }
+    delete p;
+  });
+}
+
+const OptionValues* allocator_options(const CachingAllocator* a) {
+  std::lock_guard<std::mutex> g(g_values_mu);
+  const auto it = g_values.find(a);
+  return it == g_values.end() ? nullptr : &it->second;  // stable: entries leave only with the allocator
+}
+
+py::dict options_dict(const OptionValues& v) {
+  py::dict d;
+  for (const OptionInfo& info : option_table())
+    if (info.scope != OptionScope::kInstall) d[info.name] = to_python(info, get_option(v, info));
+  return d;
 }
 
 std::map<std::string, UpstreamFactory>& upstream_factories() {
@@ -95,82 +181,15 @@ std::map<std::string, UpstreamFactory>& upstream_factories() {
 }
 
 py::dict stats_dict(const Stats& s) {
-  py::dict d;
-#define TP_EXPORT_GAUGE(name, help)                               \
-  d[#name ".all.current"] = s.name.current;                       \
-  d[#name ".all.peak"] = s.name.peak;                             \
-  d[#name ".all.allocated"] = s.name.allocated;                   \
-  d[#name ".all.freed"] = s.name.freed;
-  TORCHPOOL_GAUGES(TP_EXPORT_GAUGE)
-#undef TP_EXPORT_GAUGE
-#define TP_EXPORT_COUNTER(name, help) d[#name] = s.name;
-  TORCHPOOL_COUNTERS(TP_EXPORT_COUNTER)
-#undef TP_EXPORT_COUNTER
-  d["largest_free_block"] = s.largest_free_block;
-  py::list classes;
-  for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
-    const ClassStat& c = s.classes[i];
-    if (c.hits == 0 && c.misses == 0 && c.cached_blocks == 0 && c.allocated_blocks == 0) continue;
-    py::dict row;
-    row["index"] = i;
-    row["bytes"] = kSizeClasses[i].bytes;
-    row["allocated_blocks"] = c.allocated_blocks;
-    row["peak_allocated_blocks"] = c.peak_allocated_blocks;
-    row["cached_blocks"] = c.cached_blocks;
-    row["requested_bytes"] = c.requested_bytes;
-    row["hits"] = c.hits;
-    row["misses"] = c.misses;
-    classes.append(row);
-  }
-  d["size_classes"] = classes;
-  return d;
-}
-
-py::dict stat_help() {
-  py::dict d;
-#define TP_HELP(name, help) d[#name] = help;
-  TORCHPOOL_GAUGES(TP_HELP)
-  TORCHPOOL_COUNTERS(TP_HELP)
-#undef TP_HELP
-  return d;
+  PyEmitter e;
+  emit_stats(s, e);
+  return e.result();
 }
 
 py::list snapshot_list(const std::vector<SegmentView>& segs) {
-  static const char* states[] = {"free", "cached", "allocated"};
-  py::list out;
-  for (const auto& s : segs) {
-    py::dict seg;
-    seg["address"] = s.base;
-    seg["total_size"] = s.size;
-    seg["stream"] = s.stream;
-    seg["segment_type"] = s.small ? "small" : "large";
-    seg["expandable"] = s.expandable;
-    seg["reserved_size"] = s.reserved;  // address space held; total_size is what is mapped
-    seg["extent"] = s.extent;           // bytes the blocks cover (> total_size when there are holes)
-    py::list blocks;
-    size_t allocated = 0, requested = 0;
-    for (const auto& b : s.blocks) {
-      py::dict bd;
-      bd["address"] = b.addr;
-      bd["size"] = b.size;
-      bd["requested_size"] = b.requested;
-      bd["size_class"] = b.cls;
-      bd["mapped_size"] = b.mapped;  // < size only for a free block over unmapped chunks (expandable)
-      // A block freed by its owner while another stream may still use it reads "deferred": it is
-      // active (counted in active_bytes) but not allocated.
-      bd["state"] = b.deferred ? "deferred" : states[b.state];
-      if (b.state == Block::kAllocated && !b.deferred) {
-        allocated += b.size;
-        requested += b.requested;
-      }
-      blocks.append(bd);
-    }
-    seg["allocated_size"] = allocated;
-    seg["requested_size"] = requested;
-    seg["blocks"] = blocks;
-    out.append(seg);
-  }
-  return out;
+  PyEmitter e;
+  emit_snapshot(segs, e);
+  return e.result();
 }
 
 }  // namespace torchpool::bindings
@@ -187,6 +206,18 @@ TORCHPOOL_BINDINGS(0, core) {
     }
   });
 
+  upstream_factories()["host"] = {{"huge_pages", "populate"}, [](const OptionValues& v, py::dict&, int) {
+    HostMmapOptions h;
+    h.huge_pages = v.huge_pages;
+    h.populate = v.populate;
+    return std::shared_ptr<Upstream>(std::make_shared<HostMmapUpstream>(h));
+  }};
+  upstream_factories()["fake"] = {{}, [](const OptionValues&, py::dict& o, int) {
+    const size_t cap = take<size_t>(o, "capacity", SIZE_MAX);
+    const size_t gran = take<size_t>(o, "granularity", 2u << 20);
+    return std::shared_ptr<Upstream>(std::make_shared<FakeUpstream>(cap, gran));
+  }};
+
   m.attr("num_size_classes") = kNumSizeClasses;
   m.attr("max_class_bytes") = kMaxClassBytes;
   m.def("size_class_table", [] {
@@ -198,8 +229,43 @@ TORCHPOOL_BINDINGS(0, core) {
     if (bytes == 0 || bytes > kMaxClassBytes) throw py::value_error("size out of the size-class range");
     return class_of(bytes);
   });
-  m.def("stat_help", &stat_help);
-  m.attr("trace_record_bytes") = sizeof(TraceEvent);
+  m.def("options", [] {
+    py::list out;
+    const OptionValues cpu = default_options(Device::kCpu), cuda = default_options(Device::kCuda);
+    for (const OptionInfo& info : option_table()) {
+      py::dict d, defaults;
+      py::list devices;
+      d["name"] = info.name;
+      d["type"] = type_name(info.type);
+      d["unit"] = info.type == OptionType::kBytes ? "bytes" : "";
+      if (info.on(Device::kCpu)) {
+        devices.append("cpu");
+        defaults["cpu"] = to_python(info, get_option(cpu, info));
+      }
+      if (info.on(Device::kCuda)) {
+        devices.append("cuda");
+        defaults["cuda"] = to_python(info, get_option(cuda, info));
+      }
+      d["default"] = defaults;
+      d["default_text"] = info.default_text;
+      d["devices"] = devices;
+      d["scope"] = scope_name(info.scope);
+      d["range"] = rule_text(info);
+      d["help"] = info.help;
+      out.append(d);
+    }
+    return out;
+  }, "The option schema (csrc/core/options.h): one dict per option");
+  m.def("option_in_range", [](const std::string& name, py::handle value) {
+    const OptionInfo* info = find_option(name);
+    if (!info) throw py::value_error("torchpool: unknown option '" + name + "'");
+    try {
+      to_value(*info, value);
+      return true;
+    } catch (const py::value_error&) {
+      return false;
+    }
+  }, "Whether value (of the option's Python type) is valid for the option, by the schema's rule");
 
   py::class_<CachingAllocator, std::shared_ptr<CachingAllocator>>(m, "Allocator", R"doc(
 A caching allocator over an upstream ("host": one anonymous mmap per segment; "fake": fake addresses
@@ -227,6 +293,10 @@ for tests; more upstreams register themselves). Keyword options configure the po
       .def_property_readonly("upstream_name", [](CachingAllocator& a) { return std::string(a.upstream().name()); })
       .def_property_readonly("device_name", [](const CachingAllocator& a) { return a.config().device_name; })
       .def_property_readonly("max_bytes", [](const CachingAllocator& a) { return a.config().max_bytes; })
+      .def_property_readonly("options", [](const CachingAllocator& a) -> py::object {
+             const OptionValues* v = allocator_options(&a);
+             return v ? py::object(options_dict(*v)) : py::object(py::none());
+           }, "{option: value} this allocator was built with (the schema's defaults and the options given)")
       .def("trace_start", [](CachingAllocator& a, size_t capacity) { a.trace().start(capacity); }, py::arg("capacity") = 1u << 20)
       .def("trace_stop", [](CachingAllocator& a) {
              auto ev = a.trace().stop();

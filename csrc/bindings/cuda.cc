@@ -17,14 +17,6 @@ using namespace torchpool;
 
 namespace {
 
-template <typename T>
-T pop(py::dict& d, const char* key, T fallback) {
-  if (!d.contains(key)) return fallback;
-  T v = d[key].cast<T>();
-  d.attr("pop")(key);
-  return v;
-}
-
 CudaDriver& driver() {
   std::string err;
   CudaDriver* d = CudaDriver::get(&err);
@@ -49,31 +41,33 @@ extern "C" void torchpool_cuda_throw_error(int kind, const char* message) {
 
 TORCHPOOL_BINDINGS(20, cuda) {
   using bindings::upstream_factories;
-  upstream_factories()["host_vmm"] = [](py::dict& o) -> std::shared_ptr<Upstream> {
-    HostVmmOptions h;
-    h.expandable = pop<bool>(o, "expandable_segments", true);
-    h.reservation_bytes = pop<size_t>(o, "reserve_bytes", 0);
-    h.populate = pop<bool>(o, "populate", false);
-    h.max_mapped_bytes = pop<size_t>(o, "max_mapped_bytes", 0);
-    h.huge_pages = pop<bool>(o, "huge_pages", false);
-    h.chunk_bytes = pop<size_t>(o, "chunk_bytes", h.chunk_bytes);
-    return std::make_shared<HostVmmUpstream>(h);
-  };
-  upstream_factories()["cuda_pinned"] = [](py::dict& o) -> std::shared_ptr<Upstream> {
+  using bindings::take;
+  upstream_factories()["host_vmm"] = {
+      {"expandable_segments", "reserve_bytes", "populate", "huge_pages", "chunk_bytes"},
+      [](const OptionValues& v, py::dict& o, int) -> std::shared_ptr<Upstream> {
+        HostVmmOptions h;
+        h.expandable = v.expandable_segments;
+        h.reservation_bytes = v.reserve_bytes;
+        h.populate = v.populate;
+        h.huge_pages = v.huge_pages;
+        h.chunk_bytes = v.chunk_bytes;
+        h.max_mapped_bytes = take<size_t>(o, "max_mapped_bytes", 0);  // tests and quotas, not an option
+        return std::make_shared<HostVmmUpstream>(h);
+      }};
+  upstream_factories()["cuda_pinned"] = {{}, [](const OptionValues&, py::dict&, int device) -> std::shared_ptr<Upstream> {
     std::string err;
-    auto up = CudaPinnedUpstream::create(&err, pop<int>(o, "device_index", 0));
+    auto up = CudaPinnedUpstream::create(&err, device < 0 ? 0 : device);
     if (!up) throw std::runtime_error(err + "; use the host_pinned upstream (mlock) where no CUDA driver exists");
     return up;
-  };
-  upstream_factories()["cuda"] = [](py::dict& o) -> std::shared_ptr<Upstream> {
-    const int dev = pop<int>(o, "cuda_device", 0);
+  }};
+  upstream_factories()["cuda"] = {{}, [](const OptionValues&, py::dict& o, int) -> std::shared_ptr<Upstream> {
+    const int dev = take<int>(o, "cuda_device", 0);
     return std::make_shared<CudaDeviceUpstream>(driver(), dev);
-  };
-  upstream_factories()["cuda_vmm"] = [](py::dict& o) -> std::shared_ptr<Upstream> {
-    const int dev = pop<int>(o, "cuda_device", 0);
-    const size_t reserve = pop<size_t>(o, "reserve_bytes", 0);
-    return std::make_shared<CudaVmmUpstream>(driver(), dev, reserve);
-  };
+  }};
+  upstream_factories()["cuda_vmm"] = {{"reserve_bytes"}, [](const OptionValues& v, py::dict& o, int) -> std::shared_ptr<Upstream> {
+    const int dev = take<int>(o, "cuda_device", 0);
+    return std::make_shared<CudaVmmUpstream>(driver(), dev, v.reserve_bytes);
+  }};
   m.def("_cuda_oom_handler", [] { return reinterpret_cast<uintptr_t>(&torchpool_cuda_throw_oom); },
         "Address of a void(const char*) that throws c10::OutOfMemoryError (for libtorchpool_cuda.so)");
   m.def("_cuda_error_handler", [] { return reinterpret_cast<uintptr_t>(&torchpool_cuda_throw_error); },

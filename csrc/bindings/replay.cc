@@ -71,7 +71,6 @@ TORCHPOOL_BINDINGS(40, replay) {
   // TraceFormatError / TraceLimitError naming the trace.
   py::register_exception<ReplayInputError>(m, "ReplayInputError", PyExc_ValueError);
   py::register_exception<ReplayLimitError>(m, "ReplayLimitError", PyExc_ValueError);
-  m.attr("replay_max_alloc_bytes") = kMaxReplayAllocBytes;
   m.attr("replay_default_max_system_bytes") = kDefaultMaxSystemBytes;
   m.def("replay_allocators", [] {
     py::list out;
@@ -86,6 +85,19 @@ TORCHPOOL_BINDINGS(40, replay) {
     }
     return out;
   }, "Every allocator the replay knows: name, kind (torchpool / emulation / system), availability");
+
+  m.def("replay_modes", [] {
+    py::list out;
+    for (const TorchpoolMode& mode : torchpool_modes()) {
+      py::dict d;
+      d["name"] = mode.name;
+      d["description"] = mode.description;
+      d["device"] = mode.device == Device::kCpu ? "cpu" : "cuda";
+      d["options"] = bindings::options_dict(mode.options);
+      out.append(d);
+    }
+    return out;
+  }, "torchpool's replay modes (Note [Replay modes]): name, description, device, options (the schema's values)");
 
   py::class_<PyReplayTrace>(m, "ReplayTrace", "A trace compiled for replay (Note [Replay slots] in csrc/replay/replay.h)")
       .def(py::init([](const py::bytes& records) {

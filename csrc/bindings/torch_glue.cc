@@ -15,7 +15,6 @@ TORCHPOOL_BINDINGS(10, torch_glue) {
         "Stop serving CPU tensors; True if the previous allocator is back in the slot, False if "
         "torchpool still routes because torchpool tensors are alive");
   m.def("cpu_active", [] { return CpuAllocatorSlot::instance().active(); });
-  m.def("cpu_in_slot", [] { return CpuAllocatorSlot::instance().in_slot(); });
   // Statistics over every torchpool CPU allocator (Note [Retired allocators]): readable after uninstall().
   m.def("cpu_allocators", [] { return CpuAllocatorSlot::instance().router().allocators(); },
         "The installed allocator (first) and the retired ones that still own tensors");

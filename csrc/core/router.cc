@@ -28,12 +28,11 @@ void absorb(Stats& into, const Stats& s) {
   for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
     ClassStat& c = into.classes[i];
     const ClassStat& o = s.classes[i];
-    c.allocated_blocks += o.allocated_blocks;
-    c.peak_allocated_blocks = std::max(c.peak_allocated_blocks, o.peak_allocated_blocks);
-    c.cached_blocks += o.cached_blocks;
-    c.requested_bytes += o.requested_bytes;
-    c.hits += o.hits;
-    c.misses += o.misses;
+    const int64_t peak = std::max(c.peak_allocated_blocks, o.peak_allocated_blocks);
+#define TP_ABSORB_CLASS(name, help) c.name += o.name;
+    TORCHPOOL_CLASS_STATS(TP_ABSORB_CLASS)
+#undef TP_ABSORB_CLASS
+    c.peak_allocated_blocks = peak;  // a peak, not a sum
   }
   into.largest_free_block = std::max(into.largest_free_block, s.largest_free_block);
 }
@@ -50,11 +49,11 @@ void unabsorb(Stats& from, const Stats& s) {
   TORCHPOOL_COUNTERS(TP_UNABSORB_COUNTER)
 #undef TP_UNABSORB_COUNTER
   for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
-    from.classes[i].allocated_blocks -= s.classes[i].allocated_blocks;
-    from.classes[i].cached_blocks -= s.classes[i].cached_blocks;
-    from.classes[i].requested_bytes -= s.classes[i].requested_bytes;
-    from.classes[i].hits -= s.classes[i].hits;
-    from.classes[i].misses -= s.classes[i].misses;
+    const int64_t peak = from.classes[i].peak_allocated_blocks;
+#define TP_UNABSORB_CLASS(name, help) from.classes[i].name -= s.classes[i].name;
+    TORCHPOOL_CLASS_STATS(TP_UNABSORB_CLASS)
+#undef TP_UNABSORB_CLASS
+    from.classes[i].peak_allocated_blocks = peak;  // peaks stay
   }
 }
 

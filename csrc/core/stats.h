@@ -70,13 +70,20 @@ struct Stat {
   }
 };
 
+// X(name, help): the counters of one size class (Stats::classes), exported as the size_classes rows.
+#define TORCHPOOL_CLASS_STATS(X)                                          \
+  X(allocated_blocks, "blocks of this class handed out now")             \
+  X(peak_allocated_blocks, "most blocks of this class handed out at once") \
+  X(cached_blocks, "blocks parked on the class free list")               \
+  X(requested_bytes, "bytes the callers asked for, of the allocated blocks") \
+  X(hits, "allocations served from the class free list")                 \
+  X(misses, "allocations that carved a new block")
+
 struct ClassStat {
-  int64_t allocated_blocks = 0;  // current
-  int64_t peak_allocated_blocks = 0;
-  int64_t cached_blocks = 0;     // parked on the free list
-  int64_t requested_bytes = 0;   // current, of the allocated blocks
-  int64_t hits = 0;
-  int64_t misses = 0;
+#define TORCHPOOL_DECLARE_CLASS_STAT(name, help) int64_t name = 0;
+  TORCHPOOL_CLASS_STATS(TORCHPOOL_DECLARE_CLASS_STAT)
+#undef TORCHPOOL_DECLARE_CLASS_STAT
+  bool used() const { return hits || misses || cached_blocks || allocated_blocks; }
 };
 
 struct Stats {
@@ -105,12 +112,9 @@ struct Stats {
     TORCHPOOL_COUNTERS(TORCHPOOL_MERGE_COUNTER)
 #undef TORCHPOOL_MERGE_COUNTER
     for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
-      classes[i].allocated_blocks += o.classes[i].allocated_blocks;
-      classes[i].peak_allocated_blocks += o.classes[i].peak_allocated_blocks;
-      classes[i].cached_blocks += o.classes[i].cached_blocks;
-      classes[i].requested_bytes += o.classes[i].requested_bytes;
-      classes[i].hits += o.classes[i].hits;
-      classes[i].misses += o.classes[i].misses;
+#define TORCHPOOL_MERGE_CLASS_STAT(name, help) classes[i].name += o.classes[i].name;
+      TORCHPOOL_CLASS_STATS(TORCHPOOL_MERGE_CLASS_STAT)
+#undef TORCHPOOL_MERGE_CLASS_STAT
     }
     largest_free_block = std::max(largest_free_block, o.largest_free_block);
   }

@@ -54,8 +54,8 @@
 // tensor's storage starts 512-byte aligned.  cuBLASLt and other libraries pick kernels by pointer
 // alignment, so a 64-byte aligned block could select another kernel than under the default
 // allocator and give slightly different results.  The CUDA library therefore defaults to
-// alignment=512 (the "alignment" option changes it); the size classes of the core keep working,
-// only classes that are multiples of 512 are used.
+// alignment=512 (the CUDA default of the "alignment" option in the schema, core/options.h); the size
+// classes of the core keep working, only classes that are multiples of 512 are used.
 #include <sys/types.h>
 
 #include <array>
@@ -64,10 +64,11 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
 
 #include "core/allocator.h"
+#include "core/options.h"
+#include "core/serialize.h"
 #include "upstreams/cuda_driver.h"
 
 #define TP_API extern "C" __attribute__((visibility("default")))
@@ -78,20 +79,10 @@ using namespace torchpool;
 
 constexpr int kMaxDevices = 64;
 
-struct Options {
-  AllocatorConfig alloc = [] {
-    AllocatorConfig c;
-    c.pool.alignment = 512;  // Note [512-byte alignment]
-    return c;
-  }();
-  bool expandable = false;
-  size_t reserve_bytes = 0;
-};
-
 enum Kind { kOk = 0, kOom = 1, kDriverError = 2, kCapture = 3, kUnavailable = 4 };
 
 std::mutex g_mu;
-Options g_options;
+OptionValues g_options = default_options(Device::kCuda);  // the schema's CUDA column (core/options.h)
 std::array<std::atomic<CachingAllocator*>, kMaxDevices> g_alloc{};
 std::atomic<void (*)(const char*)> g_oom_handler{nullptr};
 std::atomic<void (*)(int, const char*)> g_error_handler{nullptr};
@@ -118,9 +109,9 @@ CachingAllocator* get(int device, bool create) {
   }
   g_driver.store(d, std::memory_order_release);
   std::shared_ptr<Upstream> up;
-  if (g_options.expandable) up = std::make_shared<CudaVmmUpstream>(*d, device, g_options.reserve_bytes);
+  if (g_options.expandable_segments) up = std::make_shared<CudaVmmUpstream>(*d, device, g_options.reserve_bytes);
   else up = std::make_shared<CudaDeviceUpstream>(*d, device);
-  AllocatorConfig cfg = g_options.alloc;
+  AllocatorConfig cfg = allocator_config(g_options, Device::kCuda);
   cfg.device = device;
   cfg.device_name = "cuda:" + std::to_string(device);
   a = new CachingAllocator(std::move(up), std::move(cfg), std::make_shared<CudaStreamEvents>(*d, device));
@@ -132,24 +123,6 @@ bool any_allocator() {
   for (auto& a : g_alloc)
     if (a.load(std::memory_order_relaxed)) return true;
   return false;
-}
-
-bool set_option(Options& o, const std::string& key, unsigned long long v) {
-  PoolConfig& p = o.alloc.pool;
-  if (key == "max_bytes") o.alloc.max_bytes = v;
-  else if (key == "max_cached_bytes") p.max_cached_bytes = v;
-  else if (key == "arenas") o.alloc.arenas = static_cast<unsigned>(v);
-  else if (key == "size_classes") p.size_classes = v != 0;
-  else if (key == "max_class_bytes") p.max_class_bytes = v;
-  else if (key == "small_segment_bytes") p.small_segment_bytes = v;
-  else if (key == "large_rounding") p.large_rounding = v;
-  else if (key == "min_split_bytes") p.min_split_bytes = v;
-  else if (key == "max_split_bytes") p.max_split_bytes = v;
-  else if (key == "alignment") p.alignment = v;
-  else if (key == "expandable_segments") o.expandable = v != 0;
-  else if (key == "reserve_bytes") o.reserve_bytes = v;
-  else return false;
-  return true;
 }
 
 // Every function of the C API: no exception leaves it (Note [Driver errors]).
@@ -283,7 +256,8 @@ TP_API void torchpool_cuda_free(void* ptr, size_t /*size*/, int device, void* /*
 
 // ---- control, used by torchpool.cuda through ctypes -------------------------------------------
 
-// "key=value,key=value" with integer values (booleans 0/1), before the first allocation. 0 or -1.
+// "key=value,key=value" (the options of the schema, core/options.h, that apply to CUDA; booleans 1/0),
+// before the first allocation; the others keep their defaults. 0 or -1 (the message in last_error).
 TP_API int torchpool_cuda_configure(const char* conf) {
   return guarded(-1, [&]() -> int {
     std::lock_guard<std::mutex> g(g_mu);
@@ -291,34 +265,9 @@ TP_API int torchpool_cuda_configure(const char* conf) {
       t_error = "torchpool: the CUDA allocator is already in use; configure it before the first CUDA allocation";
       return -1;
     }
-    Options o;
-    std::stringstream in(conf ? conf : "");
-    std::string item;
-    while (std::getline(in, item, ',')) {
-      if (item.empty()) continue;
-      const auto eq = item.find('=');
-      const std::string key = item.substr(0, eq);
-      char* end = nullptr;
-      const std::string val = eq == std::string::npos ? "" : item.substr(eq + 1);
-      if (key == "max_reserved_ratio") {  // the one fractional option
-        const double r = std::strtod(val.c_str(), &end);
-        if (val.empty() || *end != '\0' || !(r == 0 || r >= 1)) {
-          t_error = "torchpool: CUDA option '" + item + "' must be 0 or a ratio >= 1";
-          return -1;
-        }
-        o.alloc.pool.max_reserved_ratio = r;
-        continue;
-      }
-      const unsigned long long v = std::strtoull(val.c_str(), &end, 10);
-      if (val.empty() || *end != '\0') {
-        t_error = "torchpool: CUDA option '" + item + "' is not key=<integer>";
-        return -1;
-      }
-      if (!set_option(o, key, v)) {
-        t_error = "torchpool: unknown CUDA allocator option '" + key + "'";
-        return -1;
-      }
-    }
+    // Note [One option schema]: every key known, for CUDA, parsed and checked by the schema's rule.
+    OptionValues o = default_options(Device::kCuda);
+    if (!apply_conf(o, conf ? conf : "", Device::kCuda, &t_error)) return -1;
     g_options = o;
     return 0;
   });
@@ -378,49 +327,19 @@ TP_API int torchpool_cuda_reset_peak_stats(int device) {
   });
 }
 
-// "name value" lines (the names of Allocator.stats()), then "class index bytes allocated_blocks
-// peak_allocated_blocks cached_blocks requested_bytes hits misses" lines; null without an allocator.
+// Allocator.stats() as JSON (Note [One serializer], core/serialize.h); null without an allocator.
 TP_API const char* torchpool_cuda_stats(int device) {
   return guarded(static_cast<const char*>(nullptr), [&]() -> const char* {
     CachingAllocator* a = get(device, false);
-    if (!a) return nullptr;
-    const Stats s = a->stats();
-    std::ostringstream o;
-  #define TP_GAUGE(name, help)                                                                    \
-    o << #name ".all.current " << s.name.current << "\n" #name ".all.peak " << s.name.peak        \
-      << "\n" #name ".all.allocated " << s.name.allocated << "\n" #name ".all.freed " << s.name.freed << "\n";
-    TORCHPOOL_GAUGES(TP_GAUGE)
-  #undef TP_GAUGE
-  #define TP_COUNTER(name, help) o << #name " " << s.name << "\n";
-    TORCHPOOL_COUNTERS(TP_COUNTER)
-  #undef TP_COUNTER
-    o << "largest_free_block " << s.largest_free_block << "\n";
-    for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
-      const ClassStat& c = s.classes[i];
-      if (c.hits == 0 && c.misses == 0 && c.cached_blocks == 0 && c.allocated_blocks == 0) continue;
-      o << "class " << i << " " << class_bytes(i) << " " << c.allocated_blocks << " " << c.peak_allocated_blocks << " "
-        << c.cached_blocks << " " << c.requested_bytes << " " << c.hits << " " << c.misses << "\n";
-    }
-    return text(o.str());
+    return a ? text(stats_json(a->stats())) : nullptr;
   });
 }
 
-// "segment base size stream small expandable reserved extent" lines, each followed by its
-// "block addr size requested class state" lines (state: free, cached, allocated, deferred).
+// Allocator.snapshot() as JSON (Note [One serializer]); null without an allocator.
 TP_API const char* torchpool_cuda_snapshot(int device) {
   return guarded(static_cast<const char*>(nullptr), [&]() -> const char* {
     CachingAllocator* a = get(device, false);
-    if (!a) return nullptr;
-    static const char* states[] = {"free", "cached", "allocated", "deferred"};
-    std::ostringstream o;
-    for (const SegmentView& s : a->snapshot()) {
-      o << "segment " << s.base << " " << s.size << " " << s.stream << " " << s.small << " " << s.expandable << " "
-        << s.reserved << " " << s.extent << "\n";
-      for (const BlockView& b : s.blocks)
-        o << "block " << b.addr << " " << b.size << " " << b.requested << " " << b.cls << " "
-          << (b.deferred ? "deferred" : states[b.state]) << "\n";
-    }
-    return text(o.str());
+    return a ? text(snapshot_json(a->snapshot())) : nullptr;
   });
 }
 
@@ -449,7 +368,7 @@ TP_API int torchpool_cuda_reset_for_tests() {
         return -1;
       }
     for (auto& slot : g_alloc) delete slot.exchange(nullptr);
-    g_options = Options();
+    g_options = default_options(Device::kCuda);
     return 0;
   });
 }

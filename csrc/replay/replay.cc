@@ -103,8 +103,8 @@ namespace {
 
 class TorchpoolAdapter final : public Adapter {
  public:
-  TorchpoolAdapter(const PoolConfig& pool, size_t granularity, size_t reservation)
-      : upstream_(std::make_shared<FakeUpstream>(SIZE_MAX, granularity, reservation)), alloc_(upstream_, config(pool)) {}
+  TorchpoolAdapter(std::shared_ptr<FakeUpstream> upstream, AllocatorConfig config)
+      : upstream_(std::move(upstream)), alloc_(upstream_, std::move(config)) {}
   void* allocate(size_t bytes, uint64_t stream) override {
     try {
       return alloc_.allocate(bytes, stream);
@@ -120,13 +120,6 @@ class TorchpoolAdapter final : public Adapter {
   std::vector<SegmentView> snapshot() override { return alloc_.snapshot(); }
 
  private:
-  static AllocatorConfig config(const PoolConfig& pool) {
-    AllocatorConfig c;
-    c.pool = pool;
-    c.arenas = 1;  // replay is single-threaded; one arena gives exact peaks (Note [Arenas])
-    c.device_name = "replay";
-    return c;
-  }
   std::shared_ptr<FakeUpstream> upstream_;
   CachingAllocator alloc_;
 };
@@ -148,42 +141,66 @@ class PytorchAdapter final : public Adapter {
 
 }  // namespace
 
-std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity, size_t reservation) {
-  return std::make_unique<TorchpoolAdapter>(pool, granularity, reservation);
+// Note [Replay modes]
+// -------------------
+// A torchpool mode is a device's defaults from the option schema (default_options, core/options.h:
+// the same function _C.Allocator starts from, so "torchpool" is exactly what install() builds on the
+// CPU, and "torchpool-cuda" what the CUDA library builds) with at most a few options changed, named
+// for what they change.  The allocator config comes from allocator_config() as everywhere; only the
+// upstream is a fake one (no memory is touched) with the real one's geometry: CPU expandable
+// segments map chunk_bytes at a time, CUDA VMM and one-mapping-per-segment round to 2 MiB, and a
+// reservation of 0 (the machine's memory) is 1 TiB.
+std::unique_ptr<Adapter> make_torchpool_adapter(const TorchpoolMode& mode) {
+  const OptionValues& o = mode.options;
+  const bool cpu_chunks = mode.device == Device::kCpu && o.expandable_segments;
+  const size_t granularity = cpu_chunks ? o.chunk_bytes : size_t{2} << 20;
+  const size_t reservation = !o.expandable_segments ? 0 : o.reserve_bytes ? o.reserve_bytes : size_t{1} << 40;
+  AllocatorConfig c = allocator_config(o, mode.device);
+  c.device_name = "replay";
+  return std::make_unique<TorchpoolAdapter>(std::make_shared<FakeUpstream>(SIZE_MAX, granularity, reservation), std::move(c));
 }
 
-// torchpool's modes.  Each is a PoolConfig; the core's defaults are the product's defaults.
 const std::vector<TorchpoolMode>& torchpool_modes() {
   static const std::vector<TorchpoolMode> modes = [] {
     std::vector<TorchpoolMode> m;
-    PoolConfig def;
-    m.push_back({"torchpool", "torchpool defaults, one mapping per 2 MiB-rounded segment (CUDA's default; CPU with expandable_segments=0)",
-                 def, 2u << 20});
-    m.push_back({"torchpool-expandable", "torchpool on expandable segments with 512 KiB chunks (the CPU default: host_vmm)", def,
-                 512u << 10, size_t{1} << 40});
-    m.push_back({"torchpool-expandable-2m", "torchpool on expandable segments with 2 MiB chunks (CUDA VMM granularity)", def,
-                 2u << 20, size_t{1} << 40});
-    PoolConfig nolimit = def;
-    nolimit.max_reserved_ratio = 0;
-    m.push_back({"torchpool-nolimit", "torchpool with max_reserved_ratio=0: keeps every segment it mapped", nolimit, 2u << 20});
-    PoolConfig bestfit = def;
-    bestfit.size_classes = false;
-    m.push_back({"torchpool-bestfit", "torchpool with size_classes=false: best fit for every size", bestfit, 2u << 20});
-    PoolConfig cuda = def;
-    cuda.alignment = 512;
-    m.push_back({"torchpool-align512", "torchpool with PyTorch's 512 B alignment of CUDA blocks", cuda, 2u << 20});
+    const OptionValues cpu = default_options(Device::kCpu), cuda = default_options(Device::kCuda);
+    m.push_back({"torchpool", "the CPU default, exactly what torchpool.install() builds: expandable segments with 512 KiB chunks",
+                 Device::kCpu, cpu});
+    OptionValues v = cpu;
+    v.chunk_bytes = 2u << 20;
+    m.push_back({"torchpool-chunks-2m", "the CPU default with chunk_bytes=2 MiB (CUDA's VMM granularity)", Device::kCpu, v});
+    v = cpu;
+    v.expandable_segments = false;
+    m.push_back({"torchpool-segments", "the CPU default with expandable_segments=0: one mapping per 2 MiB-rounded segment",
+                 Device::kCpu, v});
+    v.max_reserved_ratio = 0;
+    m.push_back({"torchpool-segments-no-target",
+                 "expandable_segments=0 and max_reserved_ratio=0: keeps every segment it mapped (torchpool before the "
+                 "reserve target)", Device::kCpu, v});
+    v = cpu;
+    v.size_classes = false;
+    m.push_back({"torchpool-bestfit", "the CPU default with size_classes=0: best fit for every size", Device::kCpu, v});
+    m.push_back({"torchpool-cuda", "the CUDA default: 512 B alignment, one cuMemAlloc per 2 MiB-rounded segment, one arena",
+                 Device::kCuda, cuda});
+    v = cuda;
+    v.expandable_segments = true;
+    m.push_back({"torchpool-cuda-expandable", "the CUDA default with expandable_segments=1 (VMM, 2 MiB chunks)", Device::kCuda, v});
     return m;
   }();
   return modes;
 }
 
+const TorchpoolMode* find_torchpool_mode(const std::string& name) {
+  for (const TorchpoolMode& m : torchpool_modes())
+    if (m.name == name) return &m;
+  return nullptr;
+}
+
 const std::vector<AllocatorInfo>& allocators() {
   static const std::vector<AllocatorInfo> all = [] {
     std::vector<AllocatorInfo> v;
-    for (const TorchpoolMode& m : torchpool_modes()) {
-      v.push_back({m.name, "torchpool", m.description, true, "",
-                   [pool = m.pool, g = m.granularity, r = m.reservation] { return make_torchpool_adapter(pool, g, r); }});
-    }
+    for (const TorchpoolMode& m : torchpool_modes())
+      v.push_back({m.name, "torchpool", m.description, true, "", [&m] { return make_torchpool_adapter(m); }});
     PytorchPolicyConfig pt;
     v.push_back({"pytorch", "emulation", "emulation of PyTorch's CUDACachingAllocator policy (defaults)", true, "",
                  [pt] { return std::unique_ptr<Adapter>(new PytorchAdapter(pt)); }});

@@ -4,7 +4,7 @@
 //   Adapter        one allocator behind a common interface: torchpool (any PoolConfig, on fake
 //                  addresses), the PyTorch-policy emulation (pytorch_policy.h), system allocators
 //                  loaded with dlopen (system.h)
-//   registry       named allocators: "torchpool", "torchpool-bestfit", ..., "pytorch",
+//   registry       named allocators: "torchpool" (the CPU default), "torchpool-cuda", ..., "pytorch",
 //                  "pytorch-expandable", "glibc", "jemalloc", "tcmalloc", "mimalloc"
 //   measure()      one pass that records the memory measures; time_ops() passes that only time
 //
@@ -48,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/options.h"
 #include "../core/pool.h"
 #include "../core/trace.h"
 
@@ -141,16 +142,17 @@ struct AllocatorInfo {
 const std::vector<AllocatorInfo>& allocators();
 const AllocatorInfo* find_allocator(const std::string& name);
 
-// torchpool's modes as named configurations; a new core mode is one more entry (replay.cc).
+// torchpool's modes as named configurations (Note [Replay modes], replay.cc); a new mode is one more
+// entry there.
 struct TorchpoolMode {
   std::string name;
   std::string description;
-  PoolConfig pool;
-  size_t granularity = 2u << 20;
-  size_t reservation = 0;  // > 0: an expandable fake upstream with reservations of this size
+  Device device;
+  OptionValues options;  // the schema's values (core/options.h)
 };
 const std::vector<TorchpoolMode>& torchpool_modes();
-std::unique_ptr<Adapter> make_torchpool_adapter(const PoolConfig& pool, size_t granularity, size_t reservation = 0);
+const TorchpoolMode* find_torchpool_mode(const std::string& name);
+std::unique_ptr<Adapter> make_torchpool_adapter(const TorchpoolMode& mode);
 
 struct Sample {
   uint64_t op;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libc10.so, which the extension links)
 
 from ._build import _C  # noqa: E402  (checks the torch version the extension was built with)
-from ._config import ConfigError  # noqa: E402
+from ._config import ConfigError, options  # noqa: E402
 from ._install import (  # noqa: E402
     allocator,
     empty_cache,
@@ -48,6 +48,7 @@ __all__ = [
     "is_installed",
     "memory_snapshot",
     "memory_stats",
+    "options",
     "reset_peak_stats",
     "uninstall",
 ]

@@ -8,59 +8,25 @@ or with a unit suffix on the key (``max_mb``, ``max_cached_gb``, ``min_split_kb`
 
 from __future__ import annotations
 
-import os
+from ._build import _C
 
-# option -> (type, help). Names end in _bytes where they are sizes; unit-suffixed aliases convert.
-OPTIONS: dict[str, tuple[type, str]] = {
-    "max_bytes": (int, "limit on reserved bytes; above it allocation raises torch.OutOfMemoryError (0: none)"),
-    "max_cached_bytes": (int, "cached (reserved - allocated) bytes kept before free segments are returned"),
-    "max_reserved_ratio": (float, "before mapping more, return free memory so that reserved <= ratio x the high-water of "
-                                  "allocated bytes (default 1.05; 0: never; Note [Reserve target])"),
-    "arenas": (int, "independent arenas for size-class requests (threads pick one round-robin)"),
-    "huge_pages": (bool, "madvise(MADV_HUGEPAGE) on segments of 2 MiB and more (host upstream)"),
-    "populate": (bool, "fault pages in when a segment is mapped (host upstream)"),
-    "size_classes": (bool, "serve small requests from per-class free lists (False: best fit)"),
-    "max_class_bytes": (int, "requests up to this use size classes; larger ones up to 1 MiB are best fit in small segments"),
-    "chunk_bytes": (int, "cpu expandable segments: the unit memory is mapped and returned in (power of two)"),
-    "small_segment_bytes": (int, "size of the segments that hold size-class blocks"),
-    "large_rounding": (int, "large blocks are rounded up to a multiple of this"),
-    "min_split_bytes": (int, "a large free block is split only if the rest is at least this"),
-    "max_split_bytes": (int, "free blocks larger than this are never split (PyTorch's max_split_size)"),
-    "alignment": (int, "alignment and size quantum of every block (power of two >= 64)"),
-    "expandable_segments": (bool, "one reserved address range per stream, memory mapped in chunks behind allocated blocks "
-                                  "(cpu: host_vmm, the default; cuda: VMM, off by default)"),
-    "publish": (bool, "publish counters for `torchpool top` in a shared-memory page (default on; torchpool/top.py)"),
-    "reserve_bytes": (int, "address space reserved per expandable segment (0: the memory size of the machine / device)"),
-}
-_KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
-_SIZE_MAX = (1 << 64) - 1
-_MAX_REQUEST = 1 << 62  # Note [Impossible sizes] (csrc/core/allocator.h)
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-# option -> (lowest, highest, power of two?, the range as the error states it). Same bounds as the C++
-# side (pool.h kMaxAlignment / kMaxRoundingBytes, CachingAllocator::kMaxRequestBytes).
-RANGES: dict[str, tuple[float, float, bool, str]] = {
-    "max_bytes": (0, _MAX_REQUEST, False, "0 (no limit) to 2**62 bytes"),
-    "max_cached_bytes": (0, _SIZE_MAX, False, "0 to 2**64-1 bytes"),
-    "max_reserved_ratio": (0, 1e6, False, "0 (off) or a ratio from 1 to 1e6"),
-    "arenas": (1, 256, False, "1 to 256"),
-    "max_class_bytes": (0, _MIB, False, "0 to 1048576 (1 MiB)"),
-    "chunk_bytes": (4 * _KIB, _GIB, True, "a power of two from 4096 to 1073741824 (1 GiB)"),
-    "small_segment_bytes": (0, _GIB, False, "0 to 1073741824 (1 GiB)"),
-    "large_rounding": (0, _GIB, False, "0 to 1073741824 (1 GiB)"),
-    "min_split_bytes": (0, _MAX_REQUEST, False, "0 to 2**62 bytes"),
-    "max_split_bytes": (0, _SIZE_MAX, False, "0 to 2**64-1 bytes"),
-    "alignment": (64, _MIB, True, "a power of two from 64 to 1048576 (1 MiB)"),
-    "reserve_bytes": (0, _MAX_REQUEST, False, "0 (default) to 2**62 bytes"),
-}
+# Note [One option schema] (csrc/core/options.h): the options, their types, defaults per device, valid
+# ranges and help come from the C++ table through _C.options(); nothing here restates them.
+# name -> {name, type, unit, default: {device: value}, default_text, devices, scope, range, help}
+OPTIONS: dict[str, dict] = {o["name"]: o for o in _C.options()}
+_TYPES = {"bytes": int, "int": int, "float": float, "bool": bool}
 _UNITS = {"_bytes": 1, "_kb": 1 << 10, "_mb": 1 << 20, "_gb": 1 << 30}
-_SIZE_BASES = {k[: -len("_bytes")] for k in OPTIONS if k.endswith("_bytes")}
+_SIZE_BASES = {k[: -len("_bytes")] for k, o in OPTIONS.items() if o["unit"] == "bytes"}
 _SIZE_BASES.add("max")  # max_mb -> max_bytes
 DEVICES = ("cpu", "cuda")
+
+
+def options() -> list[dict]:
+    """Every option of torchpool (the one schema, csrc/core/options.h): a list of dicts with name, type
+    ("bytes", "int", "float", "bool"), unit, default ({device: value}), default_text (how the docs state
+    the default, "" when it is the value), devices, scope ("pool", "upstream", "install"), range (the
+    valid values as text) and help. Sizes are also accepted with _kb/_mb/_gb in place of _bytes."""
+    return [dict(o, default=dict(o["default"]), devices=list(o["devices"])) for o in OPTIONS.values()]
 
 
 class ConfigError(ValueError):
@@ -92,34 +58,33 @@ def normalize(options: dict[str, object]) -> dict[str, object]:
         if name not in OPTIONS:
             known = ", ".join(sorted(OPTIONS))
             raise ConfigError(f"torchpool: unknown option {key!r}; known options: {known} (sizes also as _kb/_mb/_gb)")
-        typ = OPTIONS[name][0]
+        typ = _TYPES[OPTIONS[name]["type"]]
         if name in out:
             raise ConfigError(f"torchpool: option {name!r} given twice (as {key!r})")
         if typ is bool:
             out[name] = _parse_bool(key, value)
             continue
-        lo, hi, pow2, valid = RANGES[name]
-        bad = ConfigError(f"torchpool: option {key}={value!r} is out of range; valid: {valid}"
+        bad = ConfigError(f"torchpool: option {key}={value!r} is out of range; valid: {OPTIONS[name]['range']}"
                           + (f" (here in units of {key[key.rfind('_') + 1:]})" if scale > 1 else ""))
-        if typ is float:
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"torchpool: option {key!r} takes a number, not {value!r}") from None
-            if not (number == 0 or 1 <= number <= hi):  # also refuses nan and inf
-                raise bad
-            out[name] = number
-            continue
         if isinstance(value, bool):
             raise ConfigError(f"torchpool: option {key!r} takes a number, not {value!r}")
         try:
-            number = int(value) if isinstance(value, int) else float(value)
-            scaled = int(number * scale) if isinstance(number, float) else number * scale
+            if typ is float:
+                number = float(value)
+            elif isinstance(value, (int, float)):
+                number = value
+            else:  # text: exact as an integer when it is one
+                text = str(value).strip()
+                try:
+                    number = int(text)
+                except ValueError:
+                    number = float(text)
+            scaled = number if typ is float else (number * scale if isinstance(number, int) else int(number * scale))
         except (TypeError, ValueError, OverflowError):  # not a number, nan, inf
             if isinstance(value, (int, float, str)) and str(value).strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
                 raise bad from None
             raise ConfigError(f"torchpool: option {key!r} takes a number, not {value!r}") from None
-        if not (lo <= scaled <= hi) or (pow2 and not _pow2(scaled)):
+        if not _C.option_in_range(name, scaled):  # the schema's rule, the one copy
             raise bad
         out[name] = scaled
     return out
@@ -149,5 +114,36 @@ def parse_conf(text: str) -> tuple[list[str], dict[str, object]]:
     return devices, options
 
 
-def default_arenas() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+def _format_default(o: dict, value: object) -> str:
+    if o["type"] == "bool":
+        return "true" if value else "false"
+    if o["type"] == "float":
+        return f"{value:g}"
+    if o["unit"] == "bytes":
+        if value == (1 << 64) - 1:
+            return "unlimited"
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f"{value // size} {unit}"
+    return str(value)
+
+
+def options_table() -> str:
+    """The README's option table (Markdown), generated from the schema: tools/gen_options_table.py
+    writes it into README.md and tests/test_options.py checks that README.md holds exactly this."""
+    rows = ["| option | type | default | valid | meaning |", "|---|---|---|---|---|"]
+    for o in OPTIONS.values():
+        if o["default_text"]:
+            default = o["default_text"]
+        else:
+            d = {dev: _format_default(o, v) for dev, v in o["default"].items()}
+            if len(d) == 1:
+                default = f"{next(iter(d.values()))} ({next(iter(d)).upper()} only)"
+            elif len(set(d.values())) == 1:
+                default = d["cpu"]
+            else:
+                default = ", ".join(f"{v} on {dev.upper()}" for dev, v in d.items())
+        kind = o["type"] + (" (`_kb`, `_mb`, `_gb`)" if o["unit"] == "bytes" else "")
+        valid = o["range"].replace("*", r"\*")
+        rows.append(f"| `{o['name']}` | {kind} | {default} | {valid} | {o['help']} |")
+    return "\n".join(rows) + "\n"

@@ -24,8 +24,10 @@ def _device_kind(device: str | torch.device | None) -> str:
 def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     """Make torchpool PyTorch's allocator for `device` and return the allocator.
 
-    Options (see torchpool._config.OPTIONS; sizes also as *_kb/_mb/_gb): max_bytes, max_cached_bytes,
-    arenas, huge_pages, size_classes, min_split_bytes, max_split_bytes, ...
+    Options: torchpool.options() (the one schema, csrc/core/options.h; sizes also as *_kb/_mb/_gb):
+    max_bytes, max_cached_bytes, arenas, huge_pages, size_classes, min_split_bytes, max_split_bytes, ...
+    Those not given take the schema's CPU defaults (the same ones `torchpool bench fragmentation`'s
+    "torchpool" mode replays).
     Installing again with options replaces the allocator for new tensors; tensors made before are
     still freed by the allocator that made them, and memory_stats() keeps counting them (README
     "Statistics"). An allocator with no tensor left is freed and its memory returned.
@@ -40,13 +42,9 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     current = _C.cpu_active()
     if current is not None and not options:
         return current
-    cfg.setdefault("arenas", _config.default_arenas())
-    # Expandable segments are the CPU default (Note [Holes in expandable segments]; measured in
-    # docs/performance.md): the least resident memory and the fastest large-tensor reuse here.
-    expandable = cfg.pop("expandable_segments", True)
-    if not expandable:
-        cfg.pop("chunk_bytes", None)  # a property of expandable segments only
-    alloc = _C.Allocator("host_vmm" if expandable else "host", device_name="cpu", **cfg)
+    # "cpu": host_vmm (expandable segments, the CPU default: Note [Holes in expandable segments];
+    # measured in docs/performance.md), or one mmap per segment with expandable_segments=False.
+    alloc = _C.Allocator("cpu", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
     from .top import set_publishing
 

@@ -18,6 +18,7 @@ nothing under a pluggable allocator; call ``torchpool.cuda.record_stream(tensor,
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import threading
 from pathlib import Path
@@ -28,7 +29,6 @@ from . import _config
 from ._build import _C
 
 _LIB_NAME = "libtorchpool_cuda.so"
-_HOST_ONLY = ("huge_pages", "populate", "chunk_bytes")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _pluggable = None  # the CUDAPluggableAllocator once installed (kept alive: torch holds raw pointers)
@@ -72,7 +72,6 @@ def _library() -> ctypes.CDLL:
             sigs = {
                 "torchpool_cuda_alloc": (vp, [ctypes.c_ssize_t, i, vp]),
                 "torchpool_cuda_alloc_nothrow": (vp, [ctypes.c_ssize_t, i, vp, ctypes.POINTER(i)]),
-                "torchpool_cuda_last_error_kind": (i, []),
                 "torchpool_cuda_set_error_handler": (None, [vp]),
                 "torchpool_cuda_free": (None, [vp, ctypes.c_size_t, i, vp]),
                 "torchpool_cuda_configure": (i, [cp]),
@@ -101,41 +100,6 @@ def _last_error() -> str:
     return _library().torchpool_cuda_last_error().decode()
 
 
-def _parse_stats(text: str) -> dict:
-    out: dict = {"size_classes": []}
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[0] == "class":
-            idx, nbytes, alloc, peak, cached, req, hits, misses = map(int, parts[1:])
-            out["size_classes"].append({"index": idx, "bytes": nbytes, "allocated_blocks": alloc,
-                                        "peak_allocated_blocks": peak, "cached_blocks": cached,
-                                        "requested_bytes": req, "hits": hits, "misses": misses})
-        else:
-            out[parts[0]] = int(parts[1])
-    return out
-
-
-def _parse_snapshot(text: str) -> list[dict]:
-    segs: list[dict] = []
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[0] == "segment":
-            base, size, stream, small, expandable, reserved, extent = map(int, parts[1:])
-            segs.append({"address": base, "total_size": size, "stream": stream,
-                         "segment_type": "small" if small else "large", "expandable": bool(expandable),
-                         "reserved_size": reserved, "extent": extent, "allocated_size": 0, "requested_size": 0,
-                         "blocks": []})
-        else:
-            addr, size, req, cls = map(int, parts[1:5])
-            state = parts[5]
-            seg = segs[-1]
-            seg["blocks"].append({"address": addr, "size": size, "requested_size": req, "size_class": cls, "state": state})
-            if state == "allocated":
-                seg["allocated_size"] += size
-                seg["requested_size"] += req
-    return segs
-
-
 class CudaAllocator:
     """torchpool's allocator of one CUDA device inside libtorchpool_cuda.so, with the methods of
     torchpool.Allocator that torchpool.memory_stats() and friends use."""
@@ -151,14 +115,17 @@ class CudaAllocator:
     def upstream_name(self) -> str:
         return _library().torchpool_cuda_upstream_name(self.index).decode()
 
+    # The library emits what Allocator.stats() / snapshot() return, as JSON (Note [One serializer]).
     def stats(self) -> dict:
-        text = _library().torchpool_cuda_stats(self.index)
-        if text is None:
-            raise RuntimeError(f"torchpool: no allocator for {self.device_name}")
-        return _parse_stats(text.decode())
+        return self._json(_library().torchpool_cuda_stats(self.index))
 
     def snapshot(self) -> list[dict]:
-        return _parse_snapshot(_library().torchpool_cuda_snapshot(self.index).decode())
+        return self._json(_library().torchpool_cuda_snapshot(self.index))
+
+    def _json(self, text: bytes | None):
+        if text is None:
+            raise RuntimeError(f"torchpool: no allocator for {self.device_name}")
+        return json.loads(text)
 
     def empty_cache(self) -> int:
         """Returns the bytes released; blocks another stream may still use stay (docs/cuda.md)."""
@@ -212,8 +179,10 @@ def configure(**options) -> None:
     """Set allocator options (as install()) without swapping torch's allocator; before the first
     allocation.  For the MemPool route and for tests."""
     cfg = _config.normalize(options)
-    # Host-only options (documented as such) may come with cuda=1 in a shared TORCHPOOL_CONF.
-    conf = ",".join(f"{k}={v if isinstance(v, float) else int(v)}" for k, v in cfg.items() if k not in _HOST_ONLY)
+    # Options that apply only to the CPU (torchpool.options()'s devices) may come with cuda=1 in a
+    # shared TORCHPOOL_CONF; the library checks the rest by the same schema (Note [One option schema]).
+    conf = ",".join(f"{k}={v if isinstance(v, float) else int(v)}" for k, v in cfg.items()
+                    if "cuda" in _config.OPTIONS[k]["devices"])
     if _library().torchpool_cuda_configure(conf.encode()) != 0:
         raise _config.ConfigError(_last_error())
 

@@ -29,9 +29,10 @@ FONT = 9
 
 # Timeline styles: (colour, line style) per allocator; families share a hue.
 _STYLES = {
-    "torchpool": ("#08519c", "-"), "torchpool-expandable": ("#3182bd", "--"),
-    "torchpool-expandable-2m": ("#6baed6", "-."), "torchpool-nolimit": ("#31a354", ":"),
-    "torchpool-bestfit": ("#74c476", "--"), "torchpool-align512": ("#006d2c", "-."),
+    "torchpool": ("#08519c", "-"), "torchpool-chunks-2m": ("#3182bd", "--"),
+    "torchpool-segments": ("#6baed6", "-."), "torchpool-segments-no-target": ("#31a354", ":"),
+    "torchpool-bestfit": ("#74c476", "--"), "torchpool-cuda": ("#006d2c", "-."),
+    "torchpool-cuda-expandable": ("#005a32", ":"),
     "pytorch": ("#cb181d", "-"), "pytorch-expandable": ("#fc9272", "--"),
     "glibc": ("#54278f", (0, (5, 2))), "jemalloc": ("#9e9ac8", (0, (2, 2))),
     "tcmalloc": ("#8c6d31", (0, (6, 2, 1, 2))), "mimalloc": ("#d6a936", (0, (1, 1))),

@@ -24,7 +24,7 @@ from .trace import Trace, TraceFormatError, TraceLimitError
 DEFAULT_MAX_REPLAY_BYTES = int(_C.replay_default_max_system_bytes)
 
 # The allocators a report shows by default, in this order.
-DEFAULT_ALLOCATORS = ["torchpool", "torchpool-expandable", "torchpool-expandable-2m", "torchpool-nolimit", "pytorch",
+DEFAULT_ALLOCATORS = ["torchpool", "torchpool-chunks-2m", "torchpool-segments", "torchpool-segments-no-target", "pytorch",
                       "pytorch-expandable",
                       "glibc", "jemalloc", "tcmalloc", "mimalloc"]
 ROW_KEYS = ["trace", "allocator", "peak_live_bytes", "peak_reserved_bytes", "utilization", "internal_waste_bytes",

@@ -249,7 +249,7 @@ TEST_CASE("compile refuses sizes the replay cannot honour (Note [Replay input bo
                                 ev(TraceOp::kFree, 0x1000, kMaxReplayAllocBytes)};
   CompiledTrace c = compile(ok.data(), ok.size());
   CHECK(c.peak_live_bytes == kMaxReplayAllocBytes + 4096);
-  for (const char* name : {"torchpool", "torchpool-expandable", "pytorch", "pytorch-expandable"}) {
+  for (const char* name : {"torchpool", "torchpool-segments", "pytorch", "pytorch-expandable"}) {
     Result r = measure(*find_allocator(name), c);
     CHECK(r.peak_live_bytes == kMaxReplayAllocBytes + 4096);
     CHECK(r.peak_reserved_bytes >= r.peak_live_bytes);

@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["torchpool.trace", "torchpool.replay"])
     import torchpool.trace as T
 
 LIMITS = T.TraceLimits(max_bytes=4 << 20, max_events=20_000, max_header_bytes=1 << 20, max_pickle_bytes=1 << 20)
-REPLAY_ALLOCATORS = ["torchpool", "torchpool-expandable", "pytorch", "pytorch-expandable"]
+REPLAY_ALLOCATORS = ["torchpool", "torchpool-segments", "pytorch", "pytorch-expandable"]
 RMM_HEADER = b"Thread,Time,Action,Pointer,Size,Stream\n"
 
 
