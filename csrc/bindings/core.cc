@@ -268,8 +268,10 @@ TORCHPOOL_BINDINGS(0, core) {
   }, "Whether value (of the option's Python type) is valid for the option, by the schema's rule");
 
   py::class_<CachingAllocator, std::shared_ptr<CachingAllocator>>(m, "Allocator", R"doc(
-A caching allocator over an upstream ("host": one anonymous mmap per segment; "fake": fake addresses
-for tests; more upstreams register themselves). Keyword options configure the pool; unknown ones raise.)doc")
+A caching allocator over an upstream ("cpu": what torchpool.install() builds, host_vmm or host by
+expandable_segments; "host": one anonymous mmap per segment; "host_vmm"; "fake": fake addresses for tests;
+more upstreams register themselves). Keyword options are those of torchpool.options(), checked by the
+schema's rule, defaults from its CPU column; unknown ones raise.)doc")
       .def(py::init([](const std::string& upstream, py::kwargs kw) { return make_allocator(upstream, kw); }),
            py::arg("upstream") = "host")
       .def("allocate", [](CachingAllocator& a, size_t n, uint64_t stream) {

@@ -60,8 +60,8 @@ inline uint64_t default_arenas() {
     "limit on reserved bytes; beyond it allocation raises torch.OutOfMemoryError naming allocated, reserved "    \
     "and cached bytes, after one retry that frees the cache (the allocator keeps working)")                     \
   X(max_cached_bytes, kBytes, kPool, kOnBoth, kUnlimited, kUnlimited, "unlimited", kRange(0, kUnlimited),       \
-    "cached (reserved - allocated) bytes kept; beyond it entirely free segments are returned (Note [Release "    \
-    "policy])")                                                                                                  \
+    "cached (reserved - allocated) bytes kept; beyond it entirely free segments are returned "                   \
+    "(Note [Release policy])")                                                                                   \
   X(max_reserved_ratio, kRatio, kPool, kOnBoth, 1.05, 1.05, "", kZeroOr(1, 1000000),                             \
     "the reserve target: before mapping more, free memory is returned so that reserved <= max(ratio x "          \
     "high-water of allocated, high-water + one 2 MiB segment per stream) (Note [Reserve target]); 0 keeps "      \

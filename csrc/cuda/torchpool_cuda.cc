@@ -11,7 +11,7 @@
 // cudaStream_t values as stream ids (blocks are reused on the stream that freed them) and CUDA
 // events for cross-stream reuse (Note [Stream ordering]).  It links no torch, no CUDA runtime and
 // no Python; everything else is a small C API that torchpool.cuda drives with ctypes: configure
-// before the first allocation, stats / snapshot as text, empty_cache, reset_peak_stats,
+// before the first allocation, stats / snapshot as JSON (Note [One serializer]), empty_cache, reset_peak_stats,
 // record_stream, check.  Failures: torch would wrap a null pointer in a tensor, so alloc calls the
 // handler torchpool.cuda installs (Note [Driver errors]); with no handler it returns null and the
 // message is in torchpool_cuda_last_error().  Limitations: allocators are never destroyed while

@@ -1,5 +1,5 @@
-// The option schema (Note [One option schema], core/options.h) and the serializer (Note [One
-// serializer], core/serialize.h).
+// The option schema (Note [One option schema], core/options.h) and the serializer
+// (Note [One serializer], core/serialize.h).
 #include <doctest/doctest.h>
 
 #include <cmath>
