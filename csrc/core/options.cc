@@ -181,4 +181,26 @@ AllocatorConfig allocator_config(const OptionValues& v, Device device) {
   return c;
 }
 
+std::string pool_config_error(const PoolConfig& c) {
+  OptionValues v;
+  v.alignment = c.alignment;
+  v.size_classes = c.size_classes;
+  v.max_class_bytes = c.max_class_bytes;
+  v.small_segment_bytes = c.small_segment_bytes;
+  v.large_rounding = c.large_rounding;
+  v.min_split_bytes = c.min_split_bytes;
+  v.max_split_bytes = c.max_split_bytes;
+  v.max_cached_bytes = c.max_cached_bytes;
+  v.max_reserved_ratio = c.max_reserved_ratio;
+  for (const OptionInfo& info : option_table()) {
+    if (info.scope != OptionScope::kPool || info.id == OptionId::max_bytes || info.id == OptionId::arenas) continue;
+    const OptionValue x = get_option(v, info);
+    if (!in_range(info, x))
+      return "torchpool: option " + std::string(info.name) + "=" +
+             (info.type == OptionType::kRatio ? std::to_string(x.d) : std::to_string(x.u)) +
+             " is out of range; valid: " + rule_text(info);
+  }
+  return "";
+}
+
 }  // namespace torchpool

@@ -168,4 +168,9 @@ bool apply_conf(OptionValues& values, std::string_view conf, Device device, std:
 // The core's part of the options (kPool scope): pool policy, byte limit, arenas.
 AllocatorConfig allocator_config(const OptionValues& v, Device device);
 
+// "" when every field of a PoolConfig built by hand (tests, tools) is valid by the schema's rules,
+// else the first violation, named as the option and its rule.  For Pool's constructor, so that it
+// states no rule of its own.
+std::string pool_config_error(const PoolConfig& c);
+
 }  // namespace torchpool

@@ -149,7 +149,7 @@ struct Segment {
   uint64_t id = 0;
 };
 
-// Bounds of the options (validated by Pool's constructor; _config.py states the same ranges).
+// Bounds of the options: the option schema (options.h) states and checks them.
 constexpr size_t kMaxAlignment = size_t{1} << 20;
 constexpr size_t kMaxRoundingBytes = size_t{1} << 30;  // large_rounding, small_segment_bytes
 
@@ -163,7 +163,7 @@ struct PoolConfig {
   size_t min_split_bytes = 4096;            // a large block is split only if the rest is at least this
   size_t max_split_bytes = SIZE_MAX;        // free blocks above this are never split (PyTorch's max_split_size)
   size_t max_cached_bytes = SIZE_MAX;       // Note [Release policy]
-  double max_reserved_ratio = 1.05;         // Note [Reserve target]: 0 = no target, else >= 1
+  double max_reserved_ratio = 1.05;         // Note [Reserve target]: 0 = no target; valid values: options.h
 };
 
 // Called when the pool maps or unmaps a segment (tracing); may be empty.

@@ -77,3 +77,14 @@ TEST_CASE("the JSON emitter writes what the serializer walks") {
   a.free(p);
   CHECK(snapshot_json({}) == "[]");
 }
+
+TEST_CASE("a hand-built PoolConfig is checked by the same rules") {
+  CHECK(pool_config_error(PoolConfig{}) == "");
+  PoolConfig c;
+  c.max_reserved_ratio = 0.5;
+  CHECK(pool_config_error(c).find("max_reserved_ratio=0.5") != std::string::npos);
+  CHECK(pool_config_error(c).find("valid: 0 (off) or a number from 1 to 1000000") != std::string::npos);
+  c = PoolConfig{};
+  c.alignment = 96;
+  CHECK(pool_config_error(c).find("alignment=96 is out of range") != std::string::npos);
+}
