@@ -78,8 +78,15 @@ const char* scope_name(OptionScope s) {
   return "?";
 }
 
-std::mutex g_values_mu;
-std::unordered_map<const CachingAllocator*, OptionValues> g_values;  // Allocator.options
+// Allocator.options.  Immortal, as the CPU slot: an allocator may be freed with the last tensor during exit.
+struct OptionRecords {
+  std::mutex mu;
+  std::unordered_map<const CachingAllocator*, OptionValues> values;
+};
+OptionRecords& records() {
+  static auto* r = new OptionRecords();
+  return *r;
+}
 
 // Builds dicts and lists as the serializer walks (Note [One serializer], core/serialize.h).
 class PyEmitter {
@@ -150,22 +157,22 @@ std::shared_ptr<CachingAllocator> make_allocator(const std::string& upstream_nam
   }
   auto* a = new CachingAllocator(std::move(up), std::move(c));
   {
-    std::lock_guard<std::mutex> g(g_values_mu);
-    g_values[a] = v;
+    std::lock_guard<std::mutex> g(records().mu);
+    records().values[a] = v;
   }
   return std::shared_ptr<CachingAllocator>(a, [](CachingAllocator* p) {
     {
-      std::lock_guard<std::mutex> g(g_values_mu);
-      g_values.erase(p);
+      std::lock_guard<std::mutex> g(records().mu);
+      records().values.erase(p);
     }
     delete p;
   });
 }
 
 const OptionValues* allocator_options(const CachingAllocator* a) {
-  std::lock_guard<std::mutex> g(g_values_mu);
-  const auto it = g_values.find(a);
-  return it == g_values.end() ? nullptr : &it->second;  // stable: entries leave only with the allocator
+  std::lock_guard<std::mutex> g(records().mu);
+  const auto it = records().values.find(a);
+  return it == records().values.end() ? nullptr : &it->second;  // stable: entries leave only with the allocator
 }
 
 py::dict options_dict(const OptionValues& v) {

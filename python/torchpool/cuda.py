@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import threading
 from pathlib import Path
 
