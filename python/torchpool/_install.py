@@ -48,7 +48,7 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
         cfg.pop("chunk_bytes", None)  # a property of expandable segments only
     alloc = _C.Allocator("host_vmm" if expandable else "host", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
-    from .top import set_publishing
+    from .cli.top import set_publishing
 
     set_publishing(publish)
     return alloc

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from ._ranges import GATHER_BELOW, PATHS, Box, RangeStats, read_boxes
-from .checkpoint import Checkpoint, CheckpointError
+from .reader import Checkpoint, CheckpointError
 
 __all__ = ["HFStorageReader"]
 

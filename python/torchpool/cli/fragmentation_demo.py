@@ -17,7 +17,7 @@ CNN_BATCHES = 2
 
 def allocators() -> list[str]:
     """torchpool and its modes, the PyTorch emulation (both settings), glibc: those available."""
-    from . import replay
+    from ..tracing import replay
 
     names = [a["name"] for a in replay.allocators() if a["kind"] in ("torchpool", "emulation")] + ["glibc"]
     return replay.available(names)[0]
@@ -25,7 +25,8 @@ def allocators() -> list[str]:
 
 def run(workdir: pathlib.Path, out) -> dict:
     import torchpool
-    from . import replay, trace, workloads
+    from ..tracing import replay, trace
+    from . import workloads
     from .bench import format_rows
 
     workdir = pathlib.Path(workdir)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._build import _C
+from .._build import _C
 
 __all__ = ["Box", "RangeStats", "read_boxes", "PATHS"]
 

@@ -64,7 +64,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from ._build import _C
+from .._build import _C
 
 __all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "TensorNotFoundError", "open_checkpoint"]
 

@@ -644,7 +644,7 @@ class record_trace:
         self.trace: Trace | None = None
 
     def start(self) -> "record_trace":
-        from ._install import allocator
+        from .._install import allocator
 
         alloc = allocator(self.device)
         if alloc is None:
