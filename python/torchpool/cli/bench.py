@@ -23,11 +23,11 @@ def suite_dir() -> Path:
     env = os.environ.get("TORCHPOOL_TRACES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "traces", here.parents[1] / "bench" / "traces"):
+    package = Path(__file__).resolve().parents[1]  # torchpool/ (this file is torchpool/cli/bench.py)
+    for candidate in (package / "traces", package.parents[1] / "bench" / "traces"):
         if any(candidate.glob("*.tptrace.gz")):
             return candidate
-    return here / "traces"
+    return package / "traces"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

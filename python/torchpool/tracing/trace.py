@@ -243,7 +243,7 @@ def _check_header(path: Path, header, n_limit: int) -> dict:
 
 
 def _check_records(path: Path, records: np.ndarray) -> None:
-    bad = np.nonzero(records["op"] > 4)[0]
+    bad = np.nonzero(records["op"] >= len(OPS))[0]
     if len(bad):
         raise TraceFormatError(f"{path}: record {int(bad[0])} has unknown op {int(records['op'][bad[0]])}")
     blocks = records["op"] <= OPS["free"]
