@@ -5,7 +5,8 @@ torchpool`` and ``python -m torchpool.replay`` keep working, and each gives the 
 (``torchpool.lazy is torchpool.checkpoint.lazy``), never a copy: one set of globals, classes and
 state, whichever name a program uses.
 
-# Note [Moved modules]
+Note [Moved modules]
+--------------------
 An import system finder (appended to ``sys.meta_path`` by ``torchpool/__init__.py``, so it is asked
 only after the normal finders found no file of that name) answers for the old names in ``MOVED``.
 Its loader imports the new module and puts it in ``sys.modules`` under the old name; the import

@@ -8,7 +8,7 @@
     with torchpool.open_checkpoint(path) as ck: ...
 
 Every broken rule of the format raises ``CheckpointError`` (a ``ValueError``) naming the file, the
-tensor and the rule (``err.file``, ``err.tensor``, ``err.rule``). See docs/loader.md.
+tensor and the rule (``err.file``, ``err.tensor``, ``err.rule``). See docs/reference/loader.md.
 
 Note [Choosing the read path]
 -----------------------------

@@ -55,6 +55,6 @@ def run(workdir: pathlib.Path, out) -> dict:
     print(format_rows(rows), file=out)
     best = max(rows, key=lambda r: r["utilization"] or 0)
     print(f"\nhighest utilization: {best['allocator']} ({best['utilization']:.1%}); measures defined in "
-          "docs/fragmentation.md; the full suite: torchpool bench fragmentation", file=out)
+          "docs/reference/fragmentation.md; the full suite: torchpool bench fragmentation", file=out)
     return {"trace": str(path), "events": len(t), "rows": [replay.public(r) for r in rows],
             "record_s": record_s, "replay_s": replay_s}

@@ -5,7 +5,7 @@
 
 Each row: trace, allocator, peak_live_bytes, peak_reserved_bytes, utilization, internal_waste_bytes,
 external_fragmentation, upstream_calls, ops_per_s (Note [Measures] in csrc/replay/replay.h and
-docs/fragmentation.md say exactly what each one is).
+docs/reference/fragmentation.md say exactly what each one is).
 """
 
 from __future__ import annotations

@@ -628,7 +628,7 @@ class record_trace:
 
     stacks=True also records the Python stack of the operator that made each tensor (matched to the
     alloc events by address); off by default because it runs Python on every operator (cost in
-    docs/fragmentation.md).
+    docs/reference/fragmentation.md).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", capacity: int = 1 << 20,
