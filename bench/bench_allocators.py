@@ -6,7 +6,7 @@
     python bench/bench_allocators.py --reps 5 --workloads W1,W3 \
         --tp-variant nohuge:huge_pages=0 --tp-variant populate:populate=1
 
-Workloads (python/torchpool/workloads.py):
+Workloads (python/torchpool/cli/workloads.py):
   W1  torch.empty + fill_ + free, 90 % 1 KiB-1 MiB, 10 % 4-256 MiB     metric: touched GB/s (wall)
   W2  GPT-style training steps, random sequence lengths (AdamW)         metric: CPU s per step
   W3  CNN inference at batch 32, variable shapes, activations > 32 MiB  metric: CPU ms per image
@@ -75,7 +75,7 @@ def child(workload: str, size: str, tp_options: str | None, premapped: bool = Fa
 
         torchpool.install(**json.loads(tp_options))
         assert torchpool.is_installed()
-    from torchpool import workloads
+    from torchpool.cli import workloads
 
     if premapped:
         result = workloads.alloc_mix(size, premapped=True)

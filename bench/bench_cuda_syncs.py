@@ -45,7 +45,7 @@ def build_fake(out_dir: str) -> str:
 def replay(trace_path: str, conf: str, lag: int) -> dict:
     import numpy as np  # noqa: F401  (torchpool.trace needs it)
     import torchpool.cuda as tc
-    from torchpool import trace as tt
+    from torchpool.tracing import trace as tt
 
     fake = ctypes.CDLL(os.environ["TORCHPOOL_CUDA_DRIVER"])
     fake.fake_cuda_launch.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t]

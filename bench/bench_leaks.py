@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import torchpool
-from torchpool import workloads
+from torchpool.cli import workloads
 from torchpool.stats import fmt_bytes, format_table
 
 

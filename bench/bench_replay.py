@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from torchpool import replay as R
-from torchpool import trace as T
+from torchpool.tracing import replay as R
+from torchpool.tracing import trace as T
 
 TRACES = sorted((Path(__file__).resolve().parent / "traces").glob("*.tptrace.gz"))
 KNOWN = {a["name"]: a for a in R.allocators()}

@@ -1,6 +1,6 @@
 """What recording a trace costs: a real workload with no recording, with record_trace, and with
 record_trace(stacks=True) (Python stacks of allocations, Note [Python stacks of allocations] in
-python/torchpool/trace.py).
+python/torchpool/tracing/trace.py).
 
     .venv/bin/python bench/bench_trace_cost.py                 # gpt_train quick, 4 steps, 3 repeats
     .venv/bin/python bench/bench_trace_cost.py --workload cnn --repeats 5
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import torchpool
-from torchpool import workloads
+from torchpool.cli import workloads
 from torchpool.stats import fmt_bytes, format_table
-from torchpool.trace import record_trace
+from torchpool.tracing.trace import record_trace
 
 MODES = ["none", "trace", "trace+stacks"]
 

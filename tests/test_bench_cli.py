@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from torchpool import trace as T
+from torchpool.tracing import trace as T
 
 
 def test_bench_fragmentation_json(tmp_path):
@@ -34,7 +34,7 @@ def test_bench_unknown_allocator_fails_cleanly(tmp_path):
 def test_installed_package_finds_the_trace_suite():
     # The wheel carries bench/traces; `torchpool bench fragmentation` with no --trace must find them
     # whether the package was installed from a wheel or in editable mode.
-    from torchpool.bench import suite_dir
+    from torchpool.cli.bench import suite_dir
 
     names = sorted(p.name for p in suite_dir().glob("*.tptrace.gz"))
     assert {"gpt_train.tptrace.gz", "cnn_infer.tptrace.gz", "kv_decode.tptrace.gz", "finetune_ckpt.tptrace.gz"} <= set(names)
@@ -42,7 +42,7 @@ def test_installed_package_finds_the_trace_suite():
 
 def test_bench_plot_draws_timelines_and_segment_maps(tmp_path):
     pytest.importorskip("matplotlib")
-    from torchpool import replay as R
+    from torchpool.tracing import replay as R
 
     rec = T.make_records(6)
     rec["addr"] = [1, 2, 3, 1, 2, 3]
@@ -87,7 +87,7 @@ def test_plot_is_readable(tmp_path):
     # issue 13: legends covered the data, 11 default-coloured thin lines, identical series hid each
     # other, segment maps on different x scales with 7-pt text, unmapped ranges not shown.
     pytest.importorskip("matplotlib")
-    from torchpool import plots
+    from torchpool.tracing import plots
 
     tl_a = [(0, 10 << 20, 20 << 20), (50, 30 << 20, 40 << 20), (99, 0, 40 << 20)]
     tl_b = [(0, 10 << 20, 22 << 20), (50, 30 << 20, 60 << 20), (99, 0, 60 << 20)]

@@ -34,7 +34,7 @@ def test_inspect_invalid(tmp_path, capsys):
 
 
 def test_loader_demo_step(tmp_path):
-    from torchpool import loader_demo
+    from torchpool.cli import loader_demo
 
     out = io.StringIO()
     r = loader_demo.run(tmp_path, out)

@@ -224,7 +224,7 @@ def test_extension_upstreams_pinned_and_vmm_reach_the_fake(python_subprocess, fa
 
 
 # ---- hazards a GPU would hit (Note [Fake driver hazards] in tests/fake_driver/fake_cuda.cc) ----------------
-# Each of these failed on the library before issue 14 (see docs/cuda.md, "What was verified where").
+# Each of these failed on the library before issue 14 (see docs/reference/cuda.md, "What was verified where").
 
 HAZARD_PRELUDE = """
 fake.fake_cuda_launch.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t]

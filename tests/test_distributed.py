@@ -219,7 +219,7 @@ def test_read_boxes_every_geometry_and_path(tmp_path, mode):
     import random
 
     import torchpool
-    from torchpool._ranges import Box, read_boxes
+    from torchpool.checkpoint._ranges import Box, read_boxes
 
     path, tensors = _boxes_ck(tmp_path)
     rnd = random.Random(0)

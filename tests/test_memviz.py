@@ -55,7 +55,7 @@ def test_dump_snapshot_is_read_by_torch_memory_viz(tmp_path, python_subprocess):
 
 
 def test_block_states_map_to_pytorch_names():
-    from torchpool.memviz import segments
+    from torchpool.tracing.memviz import segments
 
     snap = [{"address": 0, "total_size": 300, "stream": 0, "segment_type": "small", "blocks": [
         {"address": 0, "size": 100, "requested_size": 90, "state": "allocated"},

@@ -162,7 +162,7 @@ def test_second_thread_allocating_while_the_detector_runs(python_subprocess):
 def test_memory_queries_summary_and_frames(python_subprocess):
     out, code = run("""
         import torch.cuda._memory_viz as mv
-        from torchpool.memviz import to_memory_viz
+        from torchpool.tracing.memviz import to_memory_viz
         det = torchpool.LeakDetector(sample_bytes=4096)
         big = torch.empty(3_000_000)  # BIG
         s = torchpool.memory_stats()
@@ -271,7 +271,7 @@ def test_forked_child_publishes_its_own_page_and_publish_0_turns_it_off(tmp_path
     env = {"TORCHPOOL_PUBLISH_DIR": str(tmp_path / "pages")}
     r = python_subprocess(textwrap.dedent("""
         import os, json, time, torch, torchpool
-        from torchpool.top import read_pages
+        from torchpool.cli.top import read_pages
         torch.set_num_threads(1)
         torchpool.install()
         x = torch.empty(1 << 20)
@@ -353,9 +353,9 @@ def test_missing_optional_package_is_named(python_subprocess, blocked, kwargs, p
 
 
 def test_demo_leak_step_names_the_planted_line():
-    import torchpool.leak_demo as demo
+    import torchpool.cli.leak_demo as demo
 
-    r = subprocess.run([sys.executable, "-m", "torchpool.leak_demo"], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-m", "torchpool.cli.leak_demo"], capture_output=True, text=True, timeout=300,
                        env={k: v for k, v in os.environ.items() if k != "TORCHPOOL_CONF"})
     assert r.returncode == 0, r.stderr
     src = open(demo.__file__).read().splitlines()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from torchpool import _C
-from torchpool import replay as R
-from torchpool import trace as T
+from torchpool.tracing import replay as R
+from torchpool.tracing import trace as T
 
 MiB = 1 << 20
 
@@ -113,7 +113,7 @@ def test_glibc_reserved_covers_live_memory():
     # Note [Measuring system allocators]: blocks are written as they are allocated and glibc's
     # reserved bytes are the process's resident growth, measured in a fresh interpreter; reserved
     # can no longer come out below live (kv_decode read 23 MiB reserved for 30 MiB live before).
-    from torchpool.bench import suite_dir
+    from torchpool.cli.bench import suite_dir
 
     t = T.load(suite_dir() / "kv_decode.tptrace.gz")
     (r,) = R.replay(t, ["glibc"], repeats=1)

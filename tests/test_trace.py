@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from torchpool import trace as T
+from torchpool.tracing import trace as T
 
 
 def _synthetic(n_steps=5):
@@ -31,7 +31,7 @@ def _synthetic(n_steps=5):
 def test_record_trace_context_manager_and_start_stop(python_subprocess, tmp_path):
     code = textwrap.dedent(f"""
         import torch, torchpool
-        from torchpool import trace as T
+        from torchpool.tracing import trace as T
         torchpool.install()
         with torchpool.record_trace({str(tmp_path / 'a.tptrace.gz')!r}) as rec:
             x = torch.ones(1000, 100)
@@ -63,7 +63,7 @@ def test_record_trace_with_python_stacks_names_this_code(python_subprocess, tmp_
     path = tmp_path / "s.tptrace.gz"
     code = textwrap.dedent(f"""
         import torch, torchpool
-        from torchpool import trace as T
+        from torchpool.tracing import trace as T
         torchpool.install()
         def make_big():
             return torch.ones(300, 300) + 1
@@ -227,7 +227,7 @@ def test_import_rmm_log_as_rmm_writes_it(tmp_path):
     # microseconds since the first event, across midnight
     assert list(t.records["time_ns"]) == [0, 468_000, 1_337_000, 1_587_000, 663_342_000, 1_001_467_000, 1_501_467_000]
     assert list(t.live_bytes()) == [256, 1048832, 1048832, 1048576, 1052672, 4096, 0]
-    from torchpool import replay as R
+    from torchpool.tracing import replay as R
 
     [row] = R.replay(t, ["pytorch"], repeats=1)
     assert row["peak_live_bytes"] == 1048576 + 4096 and row["_extra"]["ops"] == 6

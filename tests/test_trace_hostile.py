@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchpool import replay as R
-from torchpool import trace as T
+from torchpool.tracing import replay as R
+from torchpool.tracing import trace as T
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import hostile_traces as H  # noqa: E402
@@ -95,7 +95,7 @@ def test_real_snapshot_shapes_load_with_the_restricted_unpickler(tmp_path, proto
 def test_torchpool_dump_snapshot_round_trips(python_subprocess, tmp_path):
     code = f"""
 import torch, torchpool
-from torchpool import trace as T
+from torchpool.tracing import trace as T
 torchpool.install()
 with torchpool.record_trace({str(tmp_path / 'r.tptrace.gz')!r}):
     x = torch.ones(1000, 100); y = x * 2; del x
@@ -141,7 +141,7 @@ def test_default_limit_bounds_a_bomb_in_memory(python_subprocess, tmp_path):
     p.write_bytes(H.gzip_bomb(1280 << 20))
     code = f"""
 import resource
-from torchpool import trace as T
+from torchpool.tracing import trace as T
 try:
     T.load({str(p)!r})
 except T.TraceLimitError as e:
@@ -250,7 +250,7 @@ def test_memo_index_does_not_allocate(python_subprocess):
 import resource, sys
 sys.path.insert(0, %r)
 import hostile_traces as H
-from torchpool import trace as T
+from torchpool.tracing import trace as T
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for name in ("snapshot_memo_index", "snapshot_binbytes8_huge"):
     try:

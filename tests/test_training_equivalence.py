@@ -12,7 +12,7 @@ CHILD = r"""
 import json, sys
 import torch
 import torchpool
-from torchpool import workloads
+from torchpool.cli import workloads
 
 mode = sys.argv[1] if len(sys.argv) > 1 else {mode!r}
 if mode != "default":
@@ -74,7 +74,7 @@ def test_bit_identical_under_torchpool(python_subprocess, default_run, options):
 def test_alloc_mix_sizes_follow_the_issue_mix():
     import torch  # noqa: F401
 
-    from torchpool import workloads
+    from torchpool.cli import workloads
 
     sizes = workloads.alloc_mix_sizes(5000, seed=0)
     small = [n for n in sizes if n <= 1 << 20]

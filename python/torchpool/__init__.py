@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libc10.so, which the extension links)
 
+from . import _aliases  # noqa: E402
+
+_aliases.install()  # torchpool.lazy, torchpool.trace, ... name the modules that moved (Note [Moved modules])
+
 from ._build import _C  # noqa: E402  (checks the torch version the extension was built with)
 from ._config import ConfigError, options  # noqa: E402
 from ._install import (  # noqa: E402
@@ -55,14 +59,14 @@ __all__ = [
 
 # Components that live in their own modules, imported on first use (keeps `import torchpool` fast).
 _LAZY = {
-    "open_checkpoint": "checkpoint",
-    "CheckpointError": "checkpoint",
-    "load_lazily": "lazy",
-    "load_into": "lazy",
-    "init_empty_weights": "lazy",
-    "from_pretrained": "hf",
-    "record_trace": "trace",
-    "dump_snapshot": "memviz",
+    "open_checkpoint": "checkpoint.reader",
+    "CheckpointError": "checkpoint.reader",
+    "load_lazily": "checkpoint.lazy",
+    "load_into": "checkpoint.lazy",
+    "init_empty_weights": "checkpoint.lazy",
+    "from_pretrained": "checkpoint.hf",
+    "record_trace": "tracing.trace",
+    "dump_snapshot": "tracing.memviz",
     "LeakDetector": "leaks",
     "Leak": "leaks",
     "memory_allocated": "memory",
@@ -74,19 +78,20 @@ _LAZY = {
     "report_to_tracemalloc": "memory",
     "TRACEMALLOC_DOMAIN": "memory",
 }
+# Submodules that `torchpool.NAME` imports on first use, the old names of moved ones included
+# (Note [Moved modules] in _aliases.py).
+_SUBMODULES = {"checkpoint", "tracing", "cli", "cuda", "stats", "memory", "leaks", "export", *_aliases.MOVED}
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        if name in ("cuda",):
-            import importlib
-
-            return importlib.import_module(f"{__name__}.{name}")
-        raise AttributeError(f"module 'torchpool' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    module = _LAZY.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'torchpool' has no attribute {name!r}")
 
 
 from ._install import _install_from_environment  # noqa: E402

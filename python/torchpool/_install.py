@@ -46,7 +46,7 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     # measured in docs/performance.md), or one mmap per segment with expandable_segments=False.
     alloc = _C.Allocator("cpu", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
-    from .top import set_publishing
+    from .cli.top import set_publishing
 
     set_publishing(publish)
     return alloc

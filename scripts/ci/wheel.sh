@@ -11,6 +11,17 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps . -w "$OUT/dist"
 wheel=$(ls "$OUT"/dist/torchpool-*.whl)
+# The wheel holds the subpackages (checkpoint/, tracing/, cli/), the native parts and the trace suite.
+python3 - "$wheel" <<'PY'
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+need = ["torchpool/__init__.py", "torchpool/checkpoint/__init__.py", "torchpool/checkpoint/reader.py",
+        "torchpool/checkpoint/lazy.py", "torchpool/tracing/__init__.py", "torchpool/tracing/replay.py",
+        "torchpool/cli/__init__.py", "torchpool/cli/demo.py", "torchpool/traces/gpt_train.tptrace.gz"]
+missing = [n for n in need if n not in names]
+assert not missing, f"the wheel lacks {missing}"
+assert any(n.startswith("torchpool/_C.") and n.endswith(".so") for n in names), "the wheel lacks the extension"
+PY
 # A fresh environment: torch (the version the wheel was built against) and the wheel, nothing else.
 python3 -m venv "$OUT/venv"
 "$OUT/venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 "$wheel"
@@ -24,8 +35,14 @@ assert torch.equal(x, x.clone())
 s = torchpool.memory_stats()
 assert s["allocated_bytes.all.current"] >= x.nbytes, s["allocated_bytes.all.current"]
 del x
+import torchpool.lazy, torchpool.checkpoint.lazy  # an old module name is the moved module (Note [Moved modules])
+assert torchpool.lazy is torchpool.checkpoint.lazy and torchpool.trace is torchpool.tracing.trace
 print("wheel: installed and ran, version", torchpool.__version__)
 PY
+# python -m under an old module name (how a replay measures in a fresh process) and the new one.
+[ "$("$OUT/venv/bin/python" -m torchpool.replay --probe torchpool)" = ok ]
+[ "$("$OUT/venv/bin/python" -m torchpool.tracing.replay --probe torchpool)" = ok ]
+"$OUT/venv/bin/torchpool" bench fragmentation --help >/dev/null
 # The sdist: builds, and holds the sources, the vendored headers and the trace suite.
 "$VENV/bin/python" -m build -q --sdist --no-isolation -o "$OUT/sdist" "$REPO" >/dev/null
 sdist=$(ls "$OUT"/sdist/torchpool-*.tar.gz)

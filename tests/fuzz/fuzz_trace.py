@@ -22,9 +22,9 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["torchpool.trace", "torchpool.replay"]):
-    import torchpool.replay as R
-    import torchpool.trace as T
+with atheris.instrument_imports(include=["torchpool.tracing.trace", "torchpool.tracing.replay"]):
+    import torchpool.tracing.replay as R
+    import torchpool.tracing.trace as T
 
 LIMITS = T.TraceLimits(max_bytes=4 << 20, max_events=20_000, max_header_bytes=1 << 20, max_pickle_bytes=1 << 20)
 REPLAY_ALLOCATORS = ["torchpool", "torchpool-segments", "pytorch", "pytorch-expandable"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 14 in one run (under five minutes on one GPU): the pytest files of tests/gpu,
 # each check in its own interpreter, results as JSON lines in $OUT_DIR/gpu_report.jsonl (default: a temp
-# dir) for docs/cuda.md.  Exits 0 without running anything where torch sees no GPU.
+# dir) for docs/reference/cuda.md.  Exits 0 without running anything where torch sees no GPU.
 #   bash tests/gpu/run_gpu_checks.sh [pytest args]        (PYTHON=... to pick the interpreter)
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"

@@ -1,6 +1,6 @@
 """torchpool as PyTorch's CUDA allocator on a real GPU.  Runs only where torch.cuda.is_available();
 everywhere else it is skipped (these machines have no GPU: nothing here has been run yet, see
-docs/cuda.md).  Every check runs in a subprocess, because the allocator swap is once per process."""
+docs/reference/cuda.md).  Every check runs in a subprocess, because the allocator swap is once per process."""
 
 import json
 import os

@@ -1,11 +1,11 @@
-"""The checks a GPU must answer first for issue 14 (docs/cuda.md, "What was verified where"): each runs in
+"""The checks a GPU must answer first for issue 14 (docs/reference/cuda.md, "What was verified where"): each runs in
 a fresh interpreter (the allocator swap is once per process) and prints one JSON line.  Skipped where
 torch has no GPU; run them all with tests/gpu/run_gpu_checks.sh (under five minutes).
 
 Some checks assert what torchpool guarantees (the unmap race, capture refusal, OOM, fork, alignment);
 others record what torch 2.13 does under any pluggable allocator (reduce-overhead, cudnn.benchmark) and
 assert only that it fails loudly or works correctly, never silently wrong: their JSON goes into the
-report that run_gpu_checks.sh writes, for docs/cuda.md."""
+report that run_gpu_checks.sh writes, for docs/reference/cuda.md."""
 
 import json
 import os

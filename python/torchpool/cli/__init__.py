@@ -1,4 +1,12 @@
-"""The `torchpool` command: one subcommand per module, each with add_arguments(parser) and main(args)."""
+"""The `torchpool` command: one subcommand per module, each with add_arguments(parser) and main(args).
+
+    launch.py            torchpool run: a script or module with torchpool installed from its first line
+    top.py               torchpool top: every process using torchpool (and the counters it publishes)
+    bench.py             torchpool bench fragmentation: the trace suite replayed (torchpool.tracing)
+    demo.py              torchpool demo, and its steps: loader_demo.py, fragmentation_demo.py, leak_demo.py
+    workloads.py         the demo's (and bench/'s) real PyTorch workloads
+    inspect              lives with the checkpoints: torchpool.checkpoint.inspect
+"""
 
 from __future__ import annotations
 
@@ -9,18 +17,18 @@ import sys
 
 # name -> (module, help). A subcommand whose module is not in this build is left out.
 COMMANDS = {
-    "demo": ("torchpool.demo", "swap the allocator, run a real workload, print the report"),
-    "run": ("torchpool.launch", "run a Python script or module with torchpool installed from its first line"),
-    "inspect": ("torchpool.inspect", "describe and validate a safetensors checkpoint"),
-    "bench": ("torchpool.bench", "benchmarks (fragmentation replay)"),
-    "top": ("torchpool.top", "every process using torchpool: allocated, reserved, peaks, fragmentation, OOMs"),
+    "demo": ("torchpool.cli.demo", "swap the allocator, run a real workload, print the report"),
+    "run": ("torchpool.cli.launch", "run a Python script or module with torchpool installed from its first line"),
+    "inspect": ("torchpool.checkpoint.inspect", "describe and validate a safetensors checkpoint"),
+    "bench": ("torchpool.cli.bench", "benchmarks (fragmentation replay)"),
+    "top": ("torchpool.cli.top", "every process using torchpool: allocated, reserved, peaks, fragmentation, OOMs"),
 }
 
 
 def version_string() -> str:
     """torchpool's version and the torch it was built against (allocators have no stable ABI)."""
-    from . import __version__
-    from ._build import _C
+    from .. import __version__
+    from .._build import _C
 
     return f"torchpool {__version__} (built against torch {_C.built_with_torch})"
 

@@ -32,7 +32,7 @@ Approach: each box takes one of three paths.
 Counters: ``requested`` is the bytes of the boxes themselves (what a rank asked the storage for: the
 same for every path); ``pread`` is what the reader threads read with ``pread``; ``mapped`` is the
 bounding bytes faulted through the mapping (a column block's bounding range holds the other ranks'
-columns too; on one host they share those pages, see docs/distributed.md).
+columns too; on one host they share those pages, see docs/reference/distributed.md).
 Limitation: residency is sampled once per box (``mincore``), as in ``Checkpoint.load``.
 """
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._build import _C
+from .._build import _C
 
 __all__ = ["Box", "RangeStats", "read_boxes", "PATHS"]
 

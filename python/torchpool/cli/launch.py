@@ -12,8 +12,8 @@ import os
 import runpy
 import sys
 
-from . import _config
-from ._install import install
+from .. import _config
+from .._install import install
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ CNN_BATCHES = 2
 
 def allocators() -> list[str]:
     """torchpool and its modes, the PyTorch emulation (both settings), glibc: those available."""
-    from . import replay
+    from ..tracing import replay
 
     names = [a["name"] for a in replay.allocators() if a["kind"] in ("torchpool", "emulation")] + ["glibc"]
     return replay.available(names)[0]
@@ -25,7 +25,8 @@ def allocators() -> list[str]:
 
 def run(workdir: pathlib.Path, out) -> dict:
     import torchpool
-    from . import replay, trace, workloads
+    from ..tracing import replay, trace
+    from . import workloads
     from .bench import format_rows
 
     workdir = pathlib.Path(workdir)
@@ -54,6 +55,6 @@ def run(workdir: pathlib.Path, out) -> dict:
     print(format_rows(rows), file=out)
     best = max(rows, key=lambda r: r["utilization"] or 0)
     print(f"\nhighest utilization: {best['allocator']} ({best['utilization']:.1%}); measures defined in "
-          "docs/fragmentation.md; the full suite: torchpool bench fragmentation", file=out)
+          "docs/reference/fragmentation.md; the full suite: torchpool bench fragmentation", file=out)
     return {"trace": str(path), "events": len(t), "rows": [replay.public(r) for r in rows],
             "record_s": record_s, "replay_s": replay_s}

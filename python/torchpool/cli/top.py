@@ -23,8 +23,8 @@ import struct
 import sys
 import time
 
-from ._build import _C
-from .stats import derive, fmt_bytes, format_table
+from .._build import _C
+from ..stats import derive, fmt_bytes, format_table
 
 MAGIC = b"TPPAGE1\0"
 _state = {"enabled": False, "hooked": False}

@@ -1,7 +1,7 @@
 """The demo's leak step: a small training loop that keeps one tensor per step in a list, and the
 leak detector naming that line.  Runs in a fresh interpreter (torchpool installed there only).
 
-    python -m torchpool.leak_demo          # the loop and det.report()
+    python -m torchpool.cli.leak_demo      # the loop and det.report()
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def loop(steps: int = 12) -> str:
 
 
 def run(workdir, out) -> dict:
-    r = subprocess.run([sys.executable, "-m", "torchpool.leak_demo"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "torchpool.cli.leak_demo"], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"torchpool demo: the leak step failed:\n{r.stderr}")
     print("A training loop keeps `x.repeat(4, 1)` (512 KiB) in a list every step; "

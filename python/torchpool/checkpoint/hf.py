@@ -111,7 +111,7 @@ def _rebuild_buffers(model, names):
 
 
 def _checkpoint_dtype(path):
-    from .checkpoint import open_checkpoint
+    from .reader import open_checkpoint
 
     with open_checkpoint(path) as ck:
         for k in ck.keys():

@@ -15,7 +15,7 @@ is bound to the checkpoint tensor of the same name (or the name ``key_map`` give
 an unloaded placeholder (Note [Unloaded placeholders]).  The unit of loading is a group of modules
 that share tensors (Note [Tied weights]); a forward pre-hook on each module of a unit loads the
 unit's tensors (``Checkpoint.load``: zero-copy views of the mapping, cold pieces read ahead in
-parallel, Note [Choosing the read path] in checkpoint.py) and moves the unit to the most-recent end
+parallel, Note [Choosing the read path] in reader.py) and moves the unit to the most-recent end
 of an LRU.  Before loading, least recently used units are evicted until resident bytes + the unit's
 bytes fit in ``budget_bytes``; evicting puts the placeholders back, and for mapped views also drops
 this process's page-table entries for those pages (``MADV_DONTNEED``), so RSS follows the budget (the
@@ -68,7 +68,7 @@ import weakref
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .reader import Checkpoint, CheckpointError, open_checkpoint
 
 __all__ = ["load_lazily", "load_into", "init_empty_weights", "stats", "materialize", "LazyBinding"]
 

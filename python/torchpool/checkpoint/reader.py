@@ -8,21 +8,21 @@
     with torchpool.open_checkpoint(path) as ck: ...
 
 Every broken rule of the format raises ``CheckpointError`` (a ``ValueError``) naming the file, the
-tensor and the rule (``err.file``, ``err.tensor``, ``err.rule``). See docs/loader.md.
+tensor and the rule (``err.file``, ``err.tensor``, ``err.rule``). See docs/reference/loader.md.
 
 Note [Choosing the read path]
 -----------------------------
-Rationale: measured here, a cold checkpoint comes in at 1.68 GB/s with 8 parallel ``pread``s but
-0.52 GB/s by touching a mapping and 0.63 GB/s with one sequential ``read``; a warm one is mapped at
-15.5 GB/s while a copy runs at 9-10 GB/s.  And on these 2 shared cores a cold load into owned memory
-is bound by the CPU, not the disk: every 4 KiB page of fresh anonymous memory is faulted and zeroed
-(0.43-0.58 s per GB), while page-cache pages are filled by the disk and only need page-table entries
-(Note [Cold mapping] in csrc/loader/shard.h).  Approach: ``load(mode="auto")`` on the CPU takes
+Rationale: a cold checkpoint comes in faster through parallel ``pread``s of large pieces than by
+touching a mapping or with one sequential ``read``; a warm one is mapped faster than it is copied.
+And a cold load into owned memory is bound by the CPU, not the disk: every 4 KiB page of fresh
+anonymous memory is faulted and zeroed, while page-cache pages are filled by the disk and only need
+page-table entries (Note [Cold mapping] in csrc/loader/shard.h).  The figures, dated:
+docs/measurements/2026-11-24-loader.md, "Why load maps".  Approach: ``load(mode="auto")`` on the CPU takes
 "mmap" whatever the residency: the tensors are zero-copy views of the mapping; the reader threads
 first queue large asynchronous reads of what is missing (``posix_fadvise(WILLNEED)``, skipped when
 ``mincore`` says everything is cached), then fault every piece into the mapping
-(``MADV_POPULATE_READ``), so everything is resident when ``load`` returns (2 GB cold: 1.0-1.1 s,
-against 1.3-2.1 s for "direct" and 1.4-2.7 s for "read").  ``Checkpoint(cold_cpu_path=...)`` picks
+(``MADV_POPULATE_READ``), so everything is resident when ``load`` returns (faster, cold, than
+"direct" and "read": the same log).  ``Checkpoint(cold_cpu_path=...)`` picks
 another path for loads that are less than 90 % cached.  "read": 8 reader threads ``pread`` 8 MiB
 chunks into the staging pool's buffers and each chunk is copied into an owned destination tensor
 (Note [Staging overlap] in csrc/loader/staging.h): the path a device other than the CPU always takes
@@ -64,7 +64,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from ._build import _C
+from .._build import _C
 
 __all__ = ["CheckpointError", "Checkpoint", "TensorInfo", "TensorNotFoundError", "open_checkpoint"]
 

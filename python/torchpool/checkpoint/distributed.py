@@ -9,7 +9,7 @@
 Each rank reads only the bytes of its own local shards (Note [Reading a box] in _ranges.py); the
 metadata comes from the shard headers through torchpool's validating parser, so a broken checkpoint
 raises the same ``CheckpointError`` (file, tensor, rule) as ``torchpool.open_checkpoint``.  See
-docs/distributed.md.
+docs/reference/distributed.md.
 
 Note [One chunk per tensor]
 ---------------------------
@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from ._ranges import GATHER_BELOW, PATHS, Box, RangeStats, read_boxes
-from .checkpoint import Checkpoint, CheckpointError
+from .reader import Checkpoint, CheckpointError
 
 __all__ = ["HFStorageReader"]
 

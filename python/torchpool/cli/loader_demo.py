@@ -37,7 +37,7 @@ def _model() -> torch.nn.Module:
 
 def run(workdir: pathlib.Path, out) -> dict:
     import torchpool
-    import torchpool.lazy
+    from torchpool.checkpoint import lazy
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -61,13 +61,13 @@ def run(workdir: pathlib.Path, out) -> dict:
         y = model(x)
         fwd_s = time.perf_counter() - t1
         y_again = model(x)
-    s = torchpool.lazy.stats(model)
+    s = lazy.stats(model)
     full = torchpool.load_lazily(_model, path)  # no budget: every layer stays
     with torch.no_grad():
         y_full = full(x)
     equal = bool(torch.equal(y, y_full) and torch.equal(y_again, y_full))
-    torchpool.lazy.binding(model).remove()
-    torchpool.lazy.binding(full).remove()
+    lazy.binding(model).remove()
+    lazy.binding(full).remove()
 
     mib = 1 << 20
     print(f"checkpoint  {path.name}: {len(sd)} tensors, {ck_bytes / mib:.2f} MiB ({LAYERS} linear layers)", file=out)

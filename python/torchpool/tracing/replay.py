@@ -1,11 +1,11 @@
 """Replay traces against allocators (the C++ engine in csrc/replay) and turn the results into rows.
 
-    from torchpool import trace, replay
+    from torchpool.tracing import trace, replay
     rows = replay.replay(trace.load("bench/traces/gpt_train.tptrace.gz"), ["torchpool", "pytorch"])
 
 Each row: trace, allocator, peak_live_bytes, peak_reserved_bytes, utilization, internal_waste_bytes,
 external_fragmentation, upstream_calls, ops_per_s (Note [Measures] in csrc/replay/replay.h and
-docs/fragmentation.md say exactly what each one is).
+docs/reference/fragmentation.md say exactly what each one is).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from ._build import _C
+from .._build import _C
 from .trace import Trace, TraceFormatError, TraceLimitError
 
 # Note [Replay input bounds] (csrc/replay/replay.h): system allocators write every page they hand
@@ -63,7 +63,7 @@ def _child_env() -> dict:
 def _probe_in_child(name: str) -> str | None:
     """None if `name` loads in a child started with spare static TLS, else why not."""
     if name not in _probed:
-        r = subprocess.run([sys.executable, "-m", "torchpool.replay", "--probe", name], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "torchpool.tracing.replay", "--probe", name], capture_output=True,
                            text=True, env=_child_env())
         _probed[name] = None if r.returncode == 0 and r.stdout.strip() == "ok" else (r.stdout + r.stderr).strip()
     return _probed[name]
@@ -130,7 +130,7 @@ def measure_isolated(records: bytes, name: str, timeline_points: int = 0,
     with tempfile.NamedTemporaryFile(prefix="torchpool-replay-", suffix=".bin", delete=False) as f:
         f.write(records)
     try:
-        r = subprocess.run([sys.executable, "-m", "torchpool.replay", f.name, name, str(timeline_points),
+        r = subprocess.run([sys.executable, "-m", "torchpool.tracing.replay", f.name, name, str(timeline_points),
                             str(max_replay_bytes), str(repeats)],
                            capture_output=True, text=True, env=_child_env())
     finally:

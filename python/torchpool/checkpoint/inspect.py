@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def describe(path) -> dict:
-    from .checkpoint import open_checkpoint
+    from .reader import open_checkpoint
 
     with open_checkpoint(path) as ck:
         infos = [ck.info(n) for n in ck.keys()]
@@ -69,7 +69,7 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    from .checkpoint import CheckpointError
+    from .reader import CheckpointError
 
     try:
         d = describe(args.path)

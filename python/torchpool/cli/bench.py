@@ -16,18 +16,18 @@ import os
 import sys
 from pathlib import Path
 
-from .stats import fmt_bytes, format_table
+from ..stats import fmt_bytes, format_table
 
 
 def suite_dir() -> Path:
     env = os.environ.get("TORCHPOOL_TRACES")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "traces", here.parents[1] / "bench" / "traces"):
+    package = Path(__file__).resolve().parents[1]  # torchpool/ (this file is torchpool/cli/bench.py)
+    for candidate in (package / "traces", package.parents[1] / "bench" / "traces"):
         if any(candidate.glob("*.tptrace.gz")):
             return candidate
-    return here / "traces"
+    return package / "traces"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--json", action="store_true", help="print one JSON list of rows instead of the table")
     f.add_argument("--plot", default=None, metavar="OUT.png", help="draw live vs reserved bytes over time and each allocator's segment map at its peak")
     f.add_argument("--repeats", type=int, default=3, help="timed passes per allocator (fastest counts)")
-    # Note [Trace limits] (trace.py) and Note [Replay input bounds] (csrc/replay/replay.h).
-    from .trace import DEFAULT_LIMITS
+    # Note [Trace limits] (tracing/trace.py) and Note [Replay input bounds] (csrc/replay/replay.h).
+    from ..tracing.trace import DEFAULT_LIMITS
 
     lim = f.add_argument_group("limits (what a trace file may make torchpool allocate)")
     lim.add_argument("--max-trace-bytes", type=_byte_count, default=DEFAULT_LIMITS.max_bytes, metavar="N",
@@ -73,7 +73,7 @@ def _byte_count(text: str) -> int:
 
 def run(traces: list[Path], names: list[str] | None, repeats: int, timeline: int = 0, snapshots: bool = False,
         limits=None, max_replay_bytes: int | None = None):
-    from . import replay, trace
+    from ..tracing import replay, trace
 
     ok, skipped = replay.available(names)
     rows = []
@@ -103,7 +103,7 @@ def format_rows(rows: list[dict], skipped: dict[str, str] | None = None) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.bench != "fragmentation":
         return 2
-    from . import replay
+    from ..tracing import replay
 
     names = [n.strip() for n in args.allocators.split(",")] if args.allocators else None
     try:
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     if not traces:
         print(f"torchpool bench: no traces given and none in {suite_dir()}", file=sys.stderr)
         return 2
-    from .trace import TraceLimits
+    from ..tracing.trace import TraceLimits
 
     limits = TraceLimits(max_bytes=args.max_trace_bytes, max_events=args.max_trace_events,
                          max_header_bytes=args.max_trace_header_bytes, max_pickle_bytes=args.max_trace_pickle_bytes)
@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(format_rows(rows, skipped))
     if args.plot:
-        from .plots import plot_timelines
+        from ..tracing.plots import plot_timelines
 
         plot_timelines(rows, args.plot)
         if not args.json:

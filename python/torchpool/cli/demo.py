@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .stats import fmt_bytes, format_report, format_table
+from ..stats import fmt_bytes, format_report, format_table
 
 # Demo steps other components provide: module -> title. Each has run(workdir, out) -> dict.
 STEPS = {
-    "torchpool.loader_demo": "lazy checkpoint under a memory budget",
-    "torchpool.fragmentation_demo": "fragmentation of this run's allocations, replayed",
-    "torchpool.leak_demo": "a planted leak, found by torchpool.LeakDetector",
+    "torchpool.cli.loader_demo": "lazy checkpoint under a memory budget",
+    "torchpool.cli.fragmentation_demo": "fragmentation of this run's allocations, replayed",
+    "torchpool.cli.leak_demo": "a planted leak, found by torchpool.LeakDetector",
 }
 
 
@@ -41,7 +41,7 @@ def _child(size: str) -> int:
     import torch
 
     import torchpool
-    from torchpool import workloads
+    from torchpool.cli import workloads
 
     torch.manual_seed(0)
     t0, c0 = time.perf_counter(), time.process_time()

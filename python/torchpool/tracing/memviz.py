@@ -49,7 +49,7 @@ def block_frames(trace=None) -> dict[int, list[dict]]:
     stacks=True (the latest alloc at each address not freed since), else from a running LeakDetector's
     samples."""
     out: dict[int, list[dict]] = {}
-    from ._build import _C
+    from .._build import _C
 
     if _C.monitor.sampler_running():
         cache: dict[int, list[dict]] = {}
@@ -136,7 +136,7 @@ def to_memory_viz(snapshot: list[dict], device="cpu", trace=None) -> dict:
 
 def dump_snapshot(path: str | os.PathLike, device="cpu", trace=None) -> Path:
     """Write torchpool.memory_snapshot(device) (and `trace`'s events, if given) as a memory_viz pickle."""
-    from ._install import memory_snapshot
+    from .._install import memory_snapshot
 
     path = Path(path)
     data = to_memory_viz(memory_snapshot(device), device, trace)

@@ -243,7 +243,7 @@ def _check_header(path: Path, header, n_limit: int) -> dict:
 
 
 def _check_records(path: Path, records: np.ndarray) -> None:
-    bad = np.nonzero(records["op"] > 4)[0]
+    bad = np.nonzero(records["op"] >= len(OPS))[0]
     if len(bad):
         raise TraceFormatError(f"{path}: record {int(bad[0])} has unknown op {int(records['op'][bad[0]])}")
     blocks = records["op"] <= OPS["free"]
@@ -628,7 +628,7 @@ class record_trace:
 
     stacks=True also records the Python stack of the operator that made each tensor (matched to the
     alloc events by address); off by default because it runs Python on every operator (cost in
-    docs/fragmentation.md).
+    docs/reference/fragmentation.md).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", capacity: int = 1 << 20,
@@ -644,7 +644,7 @@ class record_trace:
         self.trace: Trace | None = None
 
     def start(self) -> "record_trace":
-        from ._install import allocator
+        from .._install import allocator
 
         alloc = allocator(self.device)
         if alloc is None:
