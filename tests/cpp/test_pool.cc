@@ -125,7 +125,7 @@ TEST_CASE("large blocks are split and coalesced") {
 TEST_CASE("parked class blocks are reclaimed before a new small segment is mapped") {
   auto up = std::make_shared<FakeUpstream>();
   AllocatorConfig cfg;
-  cfg.pool.max_class_bytes = kMaxClassBytes;  // classes up to 1 MiB (the default stops at 16 KiB)
+  cfg.pool.max_class_bytes = kSmallRequestLimit;  // classes up to 1 MiB (the default stops at 16 KiB)
   CachingAllocator a(up, cfg);
   std::vector<void*> ps;
   for (int i = 0; i < 16; ++i) ps.push_back(a.allocate(128 << 10));  // fills one 2 MiB small segment
