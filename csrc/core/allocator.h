@@ -28,7 +28,7 @@
 //
 // Note [Arenas]
 // -------------
-// Rationale: torch runs intra-op work on an OpenMP pool (2 threads here); one global lock would
+// Rationale: torch runs intra-op work on an OpenMP pool (a thread per core); one global lock would
 // serialise any allocation those threads make.  Approach: each thread is assigned an arena
 // round-robin on first use and takes only that arena's lock for small requests (up to
 // kSmallRequestLimit, 1 MiB: size classes and the best-fit small blocks above them); a free locks the
