@@ -27,15 +27,16 @@ uint64_t unsigned_gauge(int64_t v) { return v < 0 ? 0 : static_cast<uint64_t>(v)
 
 CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, AllocatorConfig config,
                                    std::shared_ptr<StreamEvents> events)
-    : upstream_(std::move(upstream)), events_(std::move(events)), config_(std::move(config)), budget_(config_.max_bytes) {
+    : upstream_(std::move(upstream)), events_(std::move(events)), config_(std::move(config)) {
   if (config_.arenas == 0) config_.arenas = 1;
+  // The arenas map through one chain of adaptors (Note [Limiting upstream], Note [Tracing upstream]):
+  // the trace records what the pools got, the limit counts every arena's memory together.
+  std::shared_ptr<Upstream> up = upstream_;
+  if (config_.max_bytes) up = std::make_shared<LimitingUpstream>(std::move(up), config_.max_bytes);
+  pool_upstream_ = std::make_shared<TracingUpstream>(std::move(up), trace_, config_.device);
   for (unsigned i = 0; i < config_.arenas; ++i) {
     auto a = std::make_unique<Arena>();
-    a->pool = std::make_unique<Pool>(*upstream_, config_.pool, &budget_);
-    a->pool->set_segment_listener([this](const SegmentEvent& e) {
-      if (trace_.enabled())
-        trace_.record(e.mapped ? TraceOp::kSegmentMap : TraceOp::kSegmentUnmap, e.base, e.size, 0, e.stream, config_.device);
-    });
+    a->pool = std::make_unique<Pool>(*pool_upstream_, config_.pool);
     arenas_.push_back(std::move(a));
   }
   fork_safety::add_allocator(this);  // Note [Fork]
@@ -46,10 +47,11 @@ CachingAllocator::~CachingAllocator() {
   // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
   for (auto& p : pending_)
     for (auto e : p.events) events_->destroy(e);
+  arenas_.clear();  // the pools unmap through pool_upstream_, which records into trace_: both still alive
 }
 
 uint32_t CachingAllocator::arena_for(size_t bytes) {
-  if (arenas_.size() == 1 || bytes > kMaxClassBytes) return 0;
+  if (arenas_.size() == 1 || bytes > kSmallRequestLimit) return 0;
   static std::atomic<uint32_t> next{0};
   thread_local uint32_t mine = next.fetch_add(1, std::memory_order_relaxed);
   return mine % static_cast<uint32_t>(arenas_.size());

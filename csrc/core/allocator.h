@@ -1,11 +1,14 @@
 // CachingAllocator: the thread-safe front of the core.
 //
 //   CachingAllocator
-//    ├── arenas_[k]: a Pool behind its own mutex. Size-class requests use the calling thread's
+//    ├── arenas_[k]: a Pool behind its own mutex. Small requests use the calling thread's
 //    │               arena; large requests all use arena 0 (Note [Arenas]).
 //    ├── owners_:    address -> (arena, Block*) for live allocations, sharded by address so that
 //    │               frees from different threads rarely meet on a lock.
-//    ├── budget_:    the global byte limit (max_bytes) shared by the arenas.
+//    ├── pool_upstream_: what every arena maps through: upstream_ wrapped in a LimitingUpstream
+//    │               (max_bytes, one limit for all arenas) when there is a limit, then in a
+//    │               TracingUpstream writing segment events to trace_ (limiting_upstream.h,
+//    │               tracing_upstream.h).
 //    ├── uses_:      address -> extra streams a live block was used on (record_stream); empty
 //    │               unless record_stream() was called, checked with one relaxed load on free.
 //    ├── pending_:   deferred blocks and the events they wait for (Note [Stream ordering],
@@ -25,9 +28,10 @@
 //
 // Note [Arenas]
 // -------------
-// Rationale: torch runs intra-op work on an OpenMP pool (2 threads here); one global lock would
+// Rationale: torch runs intra-op work on an OpenMP pool (a thread per core); one global lock would
 // serialise any allocation those threads make.  Approach: each thread is assigned an arena
-// round-robin on first use and takes only that arena's lock for small requests; a free locks the
+// round-robin on first use and takes only that arena's lock for small requests (up to
+// kSmallRequestLimit, 1 MiB: size classes and the best-fit small blocks above them); a free locks the
 // arena that owns the block (found in owners_).  Large requests share arena 0, so large cached
 // blocks are not duplicated per thread (they are costly and rarely made off the main thread).
 // Limitation: statistics are kept per arena and summed; the summed peak is the sum of the arena
@@ -52,8 +56,10 @@
 #include <vector>
 
 #include "fork.h"
+#include "limiting_upstream.h"
 #include "pool.h"
 #include "trace.h"
+#include "tracing_upstream.h"
 
 namespace torchpool {
 
@@ -160,7 +166,7 @@ class CachingAllocator final : public ForkParticipant {
   std::shared_ptr<Upstream> upstream_;
   std::shared_ptr<StreamEvents> events_;
   AllocatorConfig config_;
-  ReserveBudget budget_;
+  std::shared_ptr<Upstream> pool_upstream_;  // declared before arenas_: the pools unmap through it
   std::vector<std::unique_ptr<Arena>> arenas_;
   mutable std::array<Shard, kShards> shards_;
   TraceRing trace_;

@@ -2,7 +2,9 @@
 //
 // Map of the data structures
 // --------------------------
-//   Pool
+//   Pool (the code: pool.cc blocks, class lists and the request path; pool_expandable.cc the chunk map
+//    │     of expandable segments; release_policy.cc when memory goes back; pool_check.cc check(),
+//    │     snapshots.  Byte limits and traces are upstream adaptors, not the pool's business)
 //    ├── segments_: intrusive list of Segment, each a range [base, base + size) from the upstream
 //    │     └── blocks: a doubly linked list in address order (Block::prev / Block::next)
 //    └── streams_: one FreeLists per stream id (device memory is reused on the stream that freed it)
@@ -53,29 +55,30 @@
 // Note [Where size classes stop]
 // -------------------------------
 // Size classes make reuse O(1), but a parked block serves only its own class and rounds its request up
-// (≤ 11.1 % above 1 KiB).  For mid-size blocks (16 KiB–1 MiB) the rounding and the parking strand
-// memory between live blocks: on the replayed kv_decode trace (KV caches re-allocated as they grow)
-// classes up to 1 MiB gave 88.5 % utilization, classes up to 16 KiB with best fit above 94.1 %
-// (2 MiB expandable chunks), and the allocator benches did not move (W1 17.4 vs 16.9 GB/s, W2 0.178
-// vs 0.185 s per step, W3 16.1 vs 16.1 ms per image, 3 interleaved runs).  So classes stop at 16 KiB
-// by default (max_class_bytes); best fit serves the rest of the small segments.
+// (≤ 11.1 % above 1 KiB).  For mid-size blocks (16 KiB up to kSmallRequestLimit, 1 MiB) the rounding
+// and the parking strand memory between live blocks, as on the replayed kv_decode trace (KV caches
+// re-allocated as they grow), while best fit there costs nothing measurable in the allocator benches
+// (the measurements: docs/performance.md, "Measurements behind the defaults").  So classes stop at
+// 16 KiB by default (max_class_bytes); best fit serves the rest of the small segments.
 //
 // Note [Release policy]
 // ---------------------
 // Segments stay mapped while cached: reusing mapped, already faulted pages is where the speed over
 // glibc comes from (glibc unmaps large chunks and the kernel zeroes the pages again).  A segment is
 // returned to the upstream only when it is entirely free and (a) empty_cache() runs, (b) the cached
-// bytes (reserved - allocated) exceed Config::max_cached_bytes, or (c) an allocation would exceed
-// Config::max_bytes (the retry path), or (d) a new mapping would exceed the reserve target (Note
-// [Reserve target]).
+// bytes (reserved - allocated) exceed PoolConfig::max_cached_bytes, or (c) the upstream refuses a
+// mapping (out of memory, or past AllocatorConfig::max_bytes: Note [Limiting upstream]) and the
+// allocator's retry releases the cache, or (d) a new mapping would exceed the reserve target (Note
+// [Reserve target]).  All of it is in release_policy.cc.
 //
 // Note [Reserve target]
 // ---------------------
 // Rationale: a cache that never gives memory back holds, at the peak, every segment it ever mapped
-// for sizes the program no longer asks for: replayed traces of variable-shape training and inference
-// showed 37–62 % utilization (peak allocated / peak reserved) with no limit, as PyTorch's policy
-// shows 62–68 %.  A fixed max_cached_bytes does not scale with the program.  Approach: with
-// max_reserved_ratio = r > 0, before the pool maps new memory it checks reserved + new <= target,
+// for sizes the program no longer asks for: on replayed traces of variable-shape training and
+// inference its utilization (peak allocated / peak reserved) fell below PyTorch's policy
+// (docs/performance.md, "Measurements behind the defaults").  A fixed max_cached_bytes does not
+// scale with the program.  Approach: with max_reserved_ratio = r > 0, before the pool maps new
+// memory it checks reserved + new <= target,
 // target = max(r × H, H + one 2 MiB segment per stream), H = max(high-water of allocated bytes,
 // allocated + the request) (the floor spares small programs pointless returns); when the check fails it first returns
 // free memory (parked class blocks merged, entirely free segments largest first, free chunks of
@@ -99,10 +102,8 @@
 // block may need one map call per run of missing chunks when it is allocated.
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -156,36 +157,14 @@ constexpr size_t kMaxRoundingBytes = size_t{1} << 30;  // large_rounding, small_
 struct PoolConfig {
   size_t alignment = 64;                    // every block size is a multiple (power of two >= 64)
   bool size_classes = true;                 // false: small requests are best-fit too (for comparison)
-  size_t max_class_bytes = 16u << 10;       // size classes up to this; best fit above (small segments to 1 MiB).
-                                            // Measured: Note [Where size classes stop]
+  size_t max_class_bytes = 16u << 10;       // size classes up to this; best fit above it up to
+                                            // kSmallRequestLimit (1 MiB): Note [Where size classes stop]
   size_t small_segment_bytes = 2u << 20;    // segments that hold size-class blocks
   size_t large_rounding = 4096;             // large block sizes are rounded to this
   size_t min_split_bytes = 4096;            // a large block is split only if the rest is at least this
   size_t max_split_bytes = SIZE_MAX;        // free blocks above this are never split (PyTorch's max_split_size)
   size_t max_cached_bytes = SIZE_MAX;       // Note [Release policy]
   double max_reserved_ratio = 1.05;         // Note [Reserve target]: 0 = no target; valid values: options.h
-};
-
-// Called when the pool maps or unmaps a segment (tracing); may be empty.
-struct SegmentEvent {
-  bool mapped;
-  uintptr_t base;
-  size_t size;
-  uint64_t stream;
-};
-
-// Shared by the arenas of one allocator: the byte limit is global.
-class ReserveBudget {
- public:
-  explicit ReserveBudget(size_t max_bytes) : max_bytes_(max_bytes) {}
-  bool try_take(size_t n);
-  void give_back(size_t n);
-  size_t max_bytes() const { return max_bytes_; }
-  size_t taken() const;
-
- private:
-  size_t max_bytes_;
-  alignas(64) std::atomic<size_t> taken_{0};
 };
 
 struct BlockView {  // one row of a snapshot
@@ -211,12 +190,14 @@ struct SegmentView {
 
 class Pool {
  public:
-  Pool(Upstream& upstream, PoolConfig config, ReserveBudget* budget = nullptr);
+  // The pool maps through `upstream` only; a byte limit or a trace is an adaptor around it
+  // (limiting_upstream.h, tracing_upstream.h).
+  Pool(Upstream& upstream, PoolConfig config);
   ~Pool();  // returns every segment to the upstream; live blocks become invalid
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
 
-  // Returns nullptr when the upstream or the budget refuses a new segment. bytes >= 1.
+  // Returns nullptr when the upstream refuses a new segment. bytes >= 1.
   Block* allocate(size_t bytes, uint64_t stream = 0);
   // Takes a kAllocated or kDeferred block back.
   void free(Block* block);
@@ -240,7 +221,6 @@ class Pool {
   // first violation found.
   std::string check() const;
 
-  void set_segment_listener(std::function<void(const SegmentEvent&)> fn) { listener_ = std::move(fn); }
   const PoolConfig& config() const { return config_; }
   Upstream& upstream() { return upstream_; }
 
@@ -260,6 +240,7 @@ class Pool {
     Segment* small_expandable = nullptr;  // for size-class / small blocks
   };
 
+  // ---- blocks, class lists, free structures, ordinary segments, the request path (pool.cc)
   FreeLists& lists(uint64_t stream);
   FreeSet& free_set(Block* b);
   Block* allocate_class(uint32_t cls, size_t bytes, uint64_t stream);
@@ -268,25 +249,30 @@ class Pool {
   Segment* map_segment(size_t bytes, uint64_t stream, bool small);
   void unmap_segment(Segment* s);
   Segment* link_segment(uintptr_t base, size_t bytes, uint64_t stream, bool small, size_t reserved);  // reserved: expandable
-  Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, bool small);  // a kFree block >= rounded, or null
-  bool map_range(Block* b);  // expandable: maps the chunks b overlaps that have no memory; false on failure
-  std::pair<size_t, size_t> inner_chunks(const Block* b) const;  // [first, last) chunk index wholly inside b
-  size_t release_free_chunks(Block* b);  // expandable, b kFree: unmaps the chunks inside b; may free the segment
-  void unmap_chunks(Segment* s, size_t first, size_t count);
-  size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
-  size_t release_free(size_t target_bytes);       // free segments largest first, then expandable holes
   static Block* last_block(const Segment* s);
-  size_t mapped_in(const Block* b) const;  // bytes of b with memory behind them
   Block* split(Block* b, size_t size);  // b is not on a free structure; returns b (now `size` long)
   Block* insert_free(Block* b);         // merges with kFree neighbours, inserts; returns the survivor
   void erase_free(Block* b);
   void park(Block* b);
   void unpark(Block* b);
   void reclaim(FreeLists& fl);
-  void maybe_release(Block* freed);
   bool segment_is_free(const Segment* s) const;
   Block* new_block();
   void delete_block(Block* b);
+
+  // ---- expandable segments: growth and the chunk map (pool_expandable.cc)
+  Block* grow_expandable(FreeLists& fl, uint64_t stream, size_t rounded, bool small);  // a kFree block >= rounded, or null
+  bool map_range(Block* b);  // expandable: maps the chunks b overlaps that have no memory; false on failure
+  std::pair<size_t, size_t> inner_chunks(const Block* b) const;  // [first, last) chunk index wholly inside b
+  size_t release_free_chunks(Block* b);  // expandable, b kFree: unmaps the chunks inside b; may free the segment
+  void unmap_chunks(Segment* s, size_t first, size_t count);
+  size_t mapped_in(const Block* b) const;  // bytes of b with memory behind them
+
+  // ---- the release policy (release_policy.cc): the only readers of max_cached_bytes / max_reserved_ratio
+  static void check_release_config(const PoolConfig& config);  // throws std::invalid_argument
+  void maybe_release(Block* freed);  // after a free: Note [Release policy] (b)
+  size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
+  size_t release_free(size_t target_bytes);       // free segments largest first, then expandable holes
 
   // Accounting: the only functions that change gauges.
   void account_alloc(Block* b, size_t requested);
@@ -296,7 +282,6 @@ class Pool {
 
   Upstream& upstream_;
   PoolConfig config_;
-  ReserveBudget* budget_;
   Stats stats_;
   Segment* segments_ = nullptr;
   int64_t allocated_high_water_ = 0;  // never reset: Note [Reserve target]
@@ -308,7 +293,6 @@ class Pool {
   FreeLists* last_lists_ = nullptr;
   std::vector<Block*> spare_blocks_;
   uint32_t aligned_class_[kNumSizeClasses];  // smallest class >= c whose size is a multiple of alignment
-  std::function<void(const SegmentEvent&)> listener_;
 };
 
 }  // namespace torchpool

@@ -1,9 +1,12 @@
 // Size classes: the table in size_class_table.inc is the single source of truth.
 //
-// Requests up to kMaxClassBytes are rounded up to a class; larger requests are "large" and are
-// served best-fit from segments (see pool.h). class_of() is the O(1) closed form of the table's
-// rule; tests/core/test_size_classes.cc checks it against a linear scan of the table for every size
-// up to kMaxClassBytes (tcmalloc's size_classes_test does the same).
+// The table ends at kSmallRequestLimit (1 MiB), the boundary between small and large requests.
+// Requests up to it are "small" and served from small segments (pool.h): by size class up to
+// PoolConfig::max_class_bytes (16 KiB by default: Note [Where size classes stop]), best fit above.
+// Larger requests are "large" and are served best-fit from their own segments.  class_of() is the
+// O(1) closed form of the table's rule; tests/cpp/test_size_classes.cc checks it against a linear
+// scan of the table for every size up to kSmallRequestLimit (tcmalloc's size_classes_test does the
+// same).
 #pragma once
 
 #include <cstddef>
@@ -24,10 +27,13 @@ inline constexpr SizeClassInfo kSizeClasses[] = {
 };
 
 inline constexpr uint32_t kNumSizeClasses = sizeof(kSizeClasses) / sizeof(kSizeClasses[0]);
-inline constexpr size_t kMaxClassBytes = kSizeClasses[kNumSizeClasses - 1].bytes;
+// The largest class, and the small/large boundary (not the default class limit: max_class_bytes).
+inline constexpr size_t kSmallRequestLimit = kSizeClasses[kNumSizeClasses - 1].bytes;
+// The old name, kept only while csrc/bindings/core.cc still spells it; new code says kSmallRequestLimit.
+inline constexpr size_t kMaxClassBytes = kSmallRequestLimit;
 inline constexpr size_t kClassQuantum = 64;  // every class is a multiple of this
 
-// Index of the smallest class whose size is >= bytes. Requires 1 <= bytes <= kMaxClassBytes.
+// Index of the smallest class whose size is >= bytes. Requires 1 <= bytes <= kSmallRequestLimit.
 inline uint32_t class_of(size_t bytes) {
   if (bytes <= 1024) return static_cast<uint32_t>((bytes + 63) / 64 - 1);
   // 2^p < bytes <= 2^(p+1), eight classes per doubling above 1 KiB.

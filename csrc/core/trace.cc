@@ -44,11 +44,6 @@ std::vector<TraceEvent> TraceRing::stop() {
   return ordered_locked();
 }
 
-std::vector<TraceEvent> TraceRing::events() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return ordered_locked();
-}
-
 uint64_t TraceRing::dropped() const {
   std::lock_guard<std::mutex> g(mu_);
   return written_ > ring_.size() ? written_ - ring_.size() : 0;

@@ -31,7 +31,6 @@ class TraceRing {
   void start(size_t capacity);
   // Stops recording and returns the events in order (oldest first).
   std::vector<TraceEvent> stop();
-  std::vector<TraceEvent> events() const;  // copy, keeps recording
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
   void record(TraceOp op, uint64_t addr, uint64_t size, uint64_t requested, uint64_t stream, int32_t device);
   uint64_t dropped() const;

@@ -11,7 +11,7 @@ namespace {
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 }  // namespace
 
-HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
+HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options), mapped_(options.max_mapped_bytes) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t c = options_.chunk_bytes;
   if (c < page || (c & (c - 1)) != 0)
@@ -28,21 +28,12 @@ HostVmmUpstream::~HostVmmUpstream() {
   for (auto& [base, bytes] : reservations_) ::munmap(reinterpret_cast<void*>(base), bytes);
 }
 
-bool HostVmmUpstream::take(size_t bytes) {
-  size_t cur = mapped_.load(std::memory_order_relaxed);
-  do {
-    if (bytes > SIZE_MAX - cur) return false;
-    if (options_.max_mapped_bytes && cur + bytes > options_.max_mapped_bytes) return false;
-  } while (!mapped_.compare_exchange_weak(cur, cur + bytes, std::memory_order_relaxed));
-  return true;
-}
-
 void* HostVmmUpstream::map(size_t bytes, uint64_t /*stream*/) {
-  if (!take(bytes)) return nullptr;
+  if (!mapped_.try_take(bytes)) return nullptr;
   const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (options_.populate ? MAP_POPULATE : 0);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (p == MAP_FAILED) {
-    mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+    mapped_.give_back(bytes);
     return nullptr;
   }
   return p;
@@ -50,7 +41,7 @@ void* HostVmmUpstream::map(size_t bytes, uint64_t /*stream*/) {
 
 void HostVmmUpstream::unmap(void* ptr, size_t bytes, uint64_t /*stream*/) {
   ::munmap(ptr, bytes);
-  mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+  mapped_.give_back(bytes);
 }
 
 void* HostVmmUpstream::reserve(size_t bytes, uint64_t /*stream*/) {
@@ -89,11 +80,11 @@ bool HostVmmUpstream::inside_reservation(uintptr_t addr, size_t bytes) {
 bool HostVmmUpstream::map_chunk(void* addr, size_t bytes, uint64_t /*stream*/) {
   if (!inside_reservation(reinterpret_cast<uintptr_t>(addr), bytes))
     throw std::logic_error("host_vmm: map_chunk outside every reservation");
-  if (!take(bytes)) return false;
+  if (!mapped_.try_take(bytes)) return false;
   const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (options_.populate ? MAP_POPULATE : 0);
   void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (p == MAP_FAILED) {
-    mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+    mapped_.give_back(bytes);
     return false;
   }
   if (options_.huge_pages) ::madvise(addr, bytes, MADV_HUGEPAGE);  // advisory: failure is harmless
@@ -105,7 +96,7 @@ void HostVmmUpstream::unmap_chunk(void* addr, size_t bytes, uint64_t /*stream*/)
     throw std::logic_error("host_vmm: unmap_chunk outside every reservation");
   // Address space back to PROT_NONE; replacing the mapping frees its pages (Note [Host VMM]).
   ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-  mapped_.fetch_sub(bytes, std::memory_order_relaxed);
+  mapped_.give_back(bytes);
 }
 
 }  // namespace torchpool

@@ -15,16 +15,16 @@
 // commit charge is taken when a chunk is mapped, so under the kernel's overcommit policy a shortage
 // can fail map_chunk cleanly; with populate, the pages are faulted in at map time (MAP_POPULATE).
 // Chunk size: CUDA's VMM maps 2 MiB at a time; the kernel maps any page.  512 KiB (chunk_bytes) is
-// the default: on the replayed suite it lifts expandable utilization from 89–95 % to 95–96 %
-// (free bytes at the peak sat in 2 MiB chunks shared with live blocks), at no measured cost in the
-// allocator benches (W1 16.8 vs 16.9 GB/s, W2 0.175 vs 0.185 s per step, W3 16.9 vs 16.1 ms per
-// image, within the runs' spread); adjacent chunks merge into one kernel mapping.
+// the default: smaller chunks return the free bytes that sat in 2 MiB chunks shared with live blocks,
+// at no measured cost in the allocator benches (the measurements: docs/performance.md, "Measurements
+// behind the defaults"); adjacent chunks merge into one kernel mapping.
 #pragma once
 
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
 
+#include "../core/limiting_upstream.h"
 #include "../core/upstream.h"
 
 namespace torchpool {
@@ -35,7 +35,8 @@ struct HostVmmOptions {
   bool populate = false;          // fault chunks in at map time
   bool huge_pages = false;        // madvise(MADV_HUGEPAGE) on mapped chunks (2 MiB-aligned)
   size_t chunk_bytes = 512u << 10;  // the mapping unit (a power of two, >= the page size): Note [Host VMM]
-  size_t max_mapped_bytes = 0;    // 0: no limit; else map/map_chunk fail beyond it (tests, quotas)
+  size_t max_mapped_bytes = 0;    // 0: no limit; else map/map_chunk fail beyond it (tests, quotas).
+                                  // Counted by the ByteLimit of Note [Limiting upstream]
 };
 
 class HostVmmUpstream final : public Upstream {
@@ -54,11 +55,10 @@ class HostVmmUpstream final : public Upstream {
   bool map_chunk(void* addr, size_t bytes, uint64_t stream) override;
   void unmap_chunk(void* addr, size_t bytes, uint64_t stream) override;
 
-  size_t mapped_bytes() const { return mapped_.load(std::memory_order_relaxed); }
+  size_t mapped_bytes() const { return mapped_.taken(); }
   size_t reserved_bytes() const { return reserved_.load(std::memory_order_relaxed); }
 
  private:
-  bool take(size_t bytes);
   // true when [addr, addr + bytes) lies inside one reservation
   bool inside_reservation(uintptr_t addr, size_t bytes);
 
@@ -66,7 +66,7 @@ class HostVmmUpstream final : public Upstream {
   size_t reservation_;
   std::mutex mu_;
   std::unordered_map<uintptr_t, size_t> reservations_;  // base -> bytes
-  std::atomic<size_t> mapped_{0};
+  ByteLimit mapped_;  // bytes mapped, refused past max_mapped_bytes
   std::atomic<size_t> reserved_{0};
 };
 

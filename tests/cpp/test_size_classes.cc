@@ -12,12 +12,12 @@ TEST_CASE("class table is strictly increasing multiples of the quantum") {
     CHECK(kSizeClasses[i].bytes % kClassQuantum == 0);
     if (i) CHECK(kSizeClasses[i].bytes > kSizeClasses[i - 1].bytes);
   }
-  CHECK(kMaxClassBytes == (1u << 20));
+  CHECK(kSmallRequestLimit == (1u << 20));
 }
 
 TEST_CASE("every size up to the largest class maps to the smallest class that fits") {
   uint32_t expect = 0;
-  for (size_t bytes = 1; bytes <= kMaxClassBytes; ++bytes) {
+  for (size_t bytes = 1; bytes <= kSmallRequestLimit; ++bytes) {
     while (kSizeClasses[expect].bytes < bytes) ++expect;
     const uint32_t got = class_of(bytes);
     if (got != expect) {
