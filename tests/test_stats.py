@@ -131,6 +131,7 @@ def test_peaks_totals_and_reset():
 def test_size_class_table_from_python():
     table = _C.size_class_table()
     assert len(table) == _C.num_size_classes
+    assert _C.small_request_limit == table[-1][1] == 1 << 20  # the largest class, not the max_class_bytes option
     for size in [1, 63, 64, 65, 1000, 1025, 4097, 100_000, 1 << 20]:
         idx = _C.class_of(size)
         assert table[idx][1] >= size

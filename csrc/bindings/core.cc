@@ -226,14 +226,14 @@ TORCHPOOL_BINDINGS(0, core) {
   }};
 
   m.attr("num_size_classes") = kNumSizeClasses;
-  m.attr("max_class_bytes") = kMaxClassBytes;
+  m.attr("small_request_limit") = kSmallRequestLimit;  // the largest size class (not the max_class_bytes option)
   m.def("size_class_table", [] {
     py::list out;
     for (const auto& c : kSizeClasses) out.append(py::make_tuple(c.index, c.bytes, c.worst_waste_bp));
     return out;
   }, "[(index, bytes, worst_case_waste_basis_points)] from the single table in csrc/core");
   m.def("class_of", [](size_t bytes) {
-    if (bytes == 0 || bytes > kMaxClassBytes) throw py::value_error("size out of the size-class range");
+    if (bytes == 0 || bytes > kSmallRequestLimit) throw py::value_error("size out of the size-class range");
     return class_of(bytes);
   });
   m.def("options", [] {

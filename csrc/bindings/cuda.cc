@@ -44,14 +44,13 @@ TORCHPOOL_BINDINGS(20, cuda) {
   using bindings::take;
   upstream_factories()["host_vmm"] = {
       {"expandable_segments", "reserve_bytes", "populate", "huge_pages", "chunk_bytes"},
-      [](const OptionValues& v, py::dict& o, int) -> std::shared_ptr<Upstream> {
+      [](const OptionValues& v, py::dict&, int) -> std::shared_ptr<Upstream> {
         HostVmmOptions h;
         h.expandable = v.expandable_segments;
         h.reservation_bytes = v.reserve_bytes;
         h.populate = v.populate;
         h.huge_pages = v.huge_pages;
         h.chunk_bytes = v.chunk_bytes;
-        h.max_mapped_bytes = take<size_t>(o, "max_mapped_bytes", 0);  // tests and quotas, not an option
         return std::make_shared<HostVmmUpstream>(h);
       }};
   upstream_factories()["cuda_pinned"] = {{}, [](const OptionValues&, py::dict&, int device) -> std::shared_ptr<Upstream> {

@@ -9,9 +9,8 @@
 // it is returned (unmap, unmap_chunk); reserve / unreserve are address space and pass through.  Past the
 // limit map() returns nullptr and map_chunk() false, exactly as an upstream out of memory does, so the
 // pool's out-of-memory path (release the cache, retry, then OutOfMemory: Note [Out of memory],
-// allocator.h) is the same for both.  One ByteLimit may be shared by several adaptors (or by an
-// upstream's own option, host_vmm's max_mapped_bytes): the arenas of one allocator all map through one
-// LimitingUpstream, so max_bytes is a limit on the allocator, not per arena.  The counter is one
+// allocator.h) is the same for both.  One ByteLimit may be shared by several adaptors: the arenas of
+// one allocator all map through one LimitingUpstream, so max_bytes is a limit on the allocator, not per arena.  The counter is one
 // relaxed compare-and-swap per mapping; mappings are rare next to allocations.
 #pragma once
 

@@ -71,7 +71,7 @@ inline uint64_t default_arenas() {
   X(size_classes, kBool, kPool, kOnBoth, true, true, "", kAnyBool,                                               \
     "serve small requests from per-class free lists (false: best fit, for comparison)")                          \
   X(max_class_bytes, kBytes, kPool, kOnBoth, PoolConfig{}.max_class_bytes, PoolConfig{}.max_class_bytes, "",     \
-    kRange(0, kMaxClassBytes),                                                                                   \
+    kRange(0, kSmallRequestLimit),                                                                                   \
     "requests up to this use size classes; larger ones up to 1 MiB are best fit in small segments (Note "        \
     "[Where size classes stop])")                                                                                \
   X(small_segment_bytes, kBytes, kPool, kOnBoth, PoolConfig{}.small_segment_bytes,                               \

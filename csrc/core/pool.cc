@@ -9,6 +9,7 @@
 #include <string>
 
 #include "debug.h"
+#include "options.h"
 #include "pool_internal.h"
 
 namespace torchpool {
@@ -18,16 +19,8 @@ constexpr size_t kLargeBuffer = 20u << 20;  // with max_split_bytes: slack accep
 }  // namespace
 
 Pool::Pool(Upstream& upstream, PoolConfig config) : upstream_(upstream), config_(config) {
-  auto refuse = [](const char* option, size_t value, const char* range) {
-    throw std::invalid_argument(std::string("torchpool: option ") + option + "=" + std::to_string(value) +
-                                " is out of range; valid: " + range);
-  };
-  if (!is_pow2(config_.alignment) || config_.alignment < kClassQuantum || config_.alignment > kMaxAlignment)
-    refuse("alignment", config_.alignment, "a power of two from 64 to 1048576 (1 MiB)");
-  if (config_.large_rounding > kMaxRoundingBytes) refuse("large_rounding", config_.large_rounding, "0 to 1073741824 (1 GiB)");
-  if (config_.small_segment_bytes > kMaxRoundingBytes)
-    refuse("small_segment_bytes", config_.small_segment_bytes, "0 to 1073741824 (1 GiB)");
-  check_release_config(config_);  // release_policy.cc
+  // Every rule on a PoolConfig lives once, in the option schema (Note [One option schema]).
+  if (std::string e = pool_config_error(config_); !e.empty()) throw std::invalid_argument(e);
   if (!is_pow2(upstream_.granularity()))
     throw std::invalid_argument("torchpool: upstream granularity must be a power of two");
   config_.large_rounding = std::max(round_up(config_.large_rounding, config_.alignment), config_.alignment);

@@ -269,7 +269,6 @@ class Pool {
   size_t mapped_in(const Block* b) const;  // bytes of b with memory behind them
 
   // ---- the release policy (release_policy.cc): the only readers of max_cached_bytes / max_reserved_ratio
-  static void check_release_config(const PoolConfig& config);  // throws std::invalid_argument
   void maybe_release(Block* freed);  // after a free: Note [Release policy] (b)
   size_t make_room(size_t need, size_t incoming);  // Note [Reserve target]; returns bytes released
   size_t release_free(size_t target_bytes);       // free segments largest first, then expandable holes

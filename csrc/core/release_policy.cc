@@ -13,12 +13,6 @@
 namespace torchpool {
 using namespace pool_detail;
 
-void Pool::check_release_config(const PoolConfig& config) {
-  if (!(config.max_reserved_ratio == 0 || (config.max_reserved_ratio >= 1 && config.max_reserved_ratio <= 1e6)))
-    throw std::invalid_argument("torchpool: max_reserved_ratio must be 0 (off) or a ratio from 1 to 1e6, not " +
-                                std::to_string(config.max_reserved_ratio));
-}
-
 void Pool::maybe_release(Block* freed) {
   const auto cached = stats_.reserved_bytes.current - stats_.allocated_bytes.current;
   if (static_cast<size_t>(cached) <= config_.max_cached_bytes) return;

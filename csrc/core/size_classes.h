@@ -29,8 +29,6 @@ inline constexpr SizeClassInfo kSizeClasses[] = {
 inline constexpr uint32_t kNumSizeClasses = sizeof(kSizeClasses) / sizeof(kSizeClasses[0]);
 // The largest class, and the small/large boundary (not the default class limit: max_class_bytes).
 inline constexpr size_t kSmallRequestLimit = kSizeClasses[kNumSizeClasses - 1].bytes;
-// The old name, kept only while csrc/bindings/core.cc still spells it; new code says kSmallRequestLimit.
-inline constexpr size_t kMaxClassBytes = kSmallRequestLimit;
 inline constexpr size_t kClassQuantum = 64;  // every class is a multiple of this
 
 // Index of the smallest class whose size is >= bytes. Requires 1 <= bytes <= kSmallRequestLimit.

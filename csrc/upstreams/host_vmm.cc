@@ -11,7 +11,7 @@ namespace {
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 }  // namespace
 
-HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options), mapped_(options.max_mapped_bytes) {
+HostVmmUpstream::HostVmmUpstream(HostVmmOptions options) : options_(options) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t c = options_.chunk_bytes;
   if (c < page || (c & (c - 1)) != 0)

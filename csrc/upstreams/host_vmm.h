@@ -35,8 +35,6 @@ struct HostVmmOptions {
   bool populate = false;          // fault chunks in at map time
   bool huge_pages = false;        // madvise(MADV_HUGEPAGE) on mapped chunks (2 MiB-aligned)
   size_t chunk_bytes = 512u << 10;  // the mapping unit (a power of two, >= the page size): Note [Host VMM]
-  size_t max_mapped_bytes = 0;    // 0: no limit; else map/map_chunk fail beyond it (tests, quotas).
-                                  // Counted by the ByteLimit of Note [Limiting upstream]
 };
 
 class HostVmmUpstream final : public Upstream {
@@ -66,7 +64,7 @@ class HostVmmUpstream final : public Upstream {
   size_t reservation_;
   std::mutex mu_;
   std::unordered_map<uintptr_t, size_t> reservations_;  // base -> bytes
-  ByteLimit mapped_;  // bytes mapped, refused past max_mapped_bytes
+  ByteLimit mapped_;  // bytes mapped (no ceiling: a limit is a LimitingUpstream around this one)
   std::atomic<size_t> reserved_{0};
 };
 

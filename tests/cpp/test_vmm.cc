@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/allocator.h"
+#include "core/limiting_upstream.h"
 #include "upstreams/host_vmm.h"
 
 using namespace torchpool;
@@ -21,11 +22,10 @@ constexpr size_t MiB = 1u << 20;
 
 // 2 MiB chunks (CUDA's VMM granularity) so that the byte counts below read in whole MiB; the
 // default 512 KiB chunk has its own case at the end.
-std::shared_ptr<HostVmmUpstream> vmm(size_t max_mapped = 0, size_t chunk = 2 * MiB) {
+std::shared_ptr<HostVmmUpstream> vmm(size_t chunk = 2 * MiB) {
   HostVmmOptions o;
   o.chunk_bytes = chunk;
   o.reservation_bytes = 256 * MiB;
-  o.max_mapped_bytes = max_mapped;
   return std::make_shared<HostVmmUpstream>(o);
 }
 
@@ -120,8 +120,9 @@ TEST_CASE("host_vmm: empty_cache unmaps whole free chunks at the tail and keeps 
 }
 
 TEST_CASE("host_vmm: the map limit gives out-of-memory, and the retry's tail release makes room") {
-  auto up = vmm(24 * MiB);
-  CachingAllocator a(up, {});
+  // The limit is an adaptor around the upstream (Note [Limiting upstream]), not an option of host_vmm.
+  auto up = vmm();
+  CachingAllocator a(std::make_shared<LimitingUpstream>(up, 24 * MiB), {});
   void* p = a.allocate(8 * MiB);
   void* q = a.allocate(12 * MiB);
   a.free(q);
@@ -337,7 +338,7 @@ TEST_CASE("stream ordering: the out-of-memory retry waits for pending events ins
 }
 
 TEST_CASE("host_vmm: the default 512 KiB chunks return memory at that unit, anywhere in the range") {
-  auto up = vmm(0, 512 << 10);
+  auto up = vmm(512 << 10);
   CachingAllocator a(up, {});
   auto* x = static_cast<char*>(a.allocate(3 * MiB));
   auto* y = static_cast<char*>(a.allocate(3 * MiB));
