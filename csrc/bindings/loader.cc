@@ -1,6 +1,6 @@
 // Bindings of the checkpoint loader: Shard (one validated, mapped safetensors file), StagingPool
 // (bounded page-locked buffers over the host_pinned upstream), and the slice reader. The Python
-// side (python/torchpool/checkpoint.py) builds the user API on these.
+// side (python/torchpool/checkpoint/reader.py) builds the user API on these.
 //
 // Errors: loader::CheckpointError becomes torchpool.checkpoint.CheckpointError (a ValueError) with
 // .file, .tensor and .rule attributes; its message names all three.

@@ -4,7 +4,7 @@
 // Note [Sampled allocation stacks]
 // --------------------------------
 // Rationale: a leak detector must know where live memory was allocated, but running Python on
-// every operator (Note [Python stacks of allocations], trace.py) costs 2-3x; the leak detector's
+// every operator (Note [Python stacks of allocations], tracing/trace.py) costs 2-3x; the leak detector's
 // budget is a few percent.
 // Approach: allocations are sampled by bytes, as tcmalloc's heap profiler does: each thread counts
 // down an exponentially distributed number of bytes (mean `sample_bytes`); the allocation that
@@ -201,7 +201,7 @@ py::list stack_strings(const std::vector<FrameKey>& frames) {
 }  // namespace
 
 TORCHPOOL_BINDINGS(60, monitor) {
-  auto mon = m.def_submodule("monitor", "monitoring internals (python/torchpool/leaks.py, top.py, memory.py)");
+  auto mon = m.def_submodule("monitor", "monitoring internals (python/torchpool/leaks.py, cli/top.py, memory.py)");
   mon.attr("tracemalloc_domain") = kTraceDomain;
   mon.def("sampler_start", [](int64_t sample_bytes) {
     if (sample_bytes < 1) throw py::value_error("torchpool: sample_bytes must be >= 1");

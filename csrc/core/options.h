@@ -98,7 +98,7 @@ inline uint64_t default_arenas() {
     "madvise(MADV_HUGEPAGE) on 2 MiB-aligned segments and chunks (Note [Huge pages])")                         \
   X(populate, kBool, kUpstream, kOnCpu, false, false, "", kAnyBool, "fault a segment's pages in when it is mapped") \
   X(publish, kBool, kInstall, kOnCpu, true, false, "", kAnyBool,                                                 \
-    "publish counters for `torchpool top` in a shared-memory page (torchpool/top.py)")
+    "publish counters for `torchpool top` in a shared-memory page (torchpool/cli/top.py)")
 
 template <OptionType T>
 struct OptionStorage {

@@ -58,7 +58,7 @@
 // (≤ 11.1 % above 1 KiB).  For mid-size blocks (16 KiB up to kSmallRequestLimit, 1 MiB) the rounding
 // and the parking strand memory between live blocks, as on the replayed kv_decode trace (KV caches
 // re-allocated as they grow), while best fit there costs nothing measurable in the allocator benches
-// (the measurements: docs/performance.md, "Measurements behind the defaults").  So classes stop at
+// (the measurements: docs/measurements/2026-11-24-allocators.md, "Measurements behind the defaults").  So classes stop at
 // 16 KiB by default (max_class_bytes); best fit serves the rest of the small segments.
 //
 // Note [Release policy]
@@ -76,7 +76,7 @@
 // Rationale: a cache that never gives memory back holds, at the peak, every segment it ever mapped
 // for sizes the program no longer asks for: on replayed traces of variable-shape training and
 // inference its utilization (peak allocated / peak reserved) fell below PyTorch's policy
-// (docs/performance.md, "Measurements behind the defaults").  A fixed max_cached_bytes does not
+// (docs/measurements/2026-11-24-allocators.md, "Measurements behind the defaults").  A fixed max_cached_bytes does not
 // scale with the program.  Approach: with max_reserved_ratio = r > 0, before the pool maps new
 // memory it checks reserved + new <= target,
 // target = max(r × H, H + one 2 MiB segment per stream), H = max(high-water of allocated bytes,

@@ -18,7 +18,7 @@
 // bounded by staging_bytes whatever the checkpoint size.  Limitation: on the CPU the extra memcpy
 // costs ~1 s per 10 GB; CPU loads take this path only when asked (mode="read", or
 // cold_cpu_path="read"), which is how it is tested without a device (Note [Choosing the read path]
-// in python/torchpool/checkpoint.py).
+// in python/torchpool/checkpoint/reader.py).
 #pragma once
 
 #include <condition_variable>

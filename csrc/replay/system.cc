@@ -26,7 +26,7 @@
 //   * Isolation.  glibc's behaviour depends on the process's history (its dynamic mmap threshold
 //     rises when a large mmapped chunk is freed; free chunks left by earlier work get reused), so
 //     torchpool.replay measures every system allocator in a fresh interpreter, one per trace
-//     (replay.py, isolate=True).  Measured in one process after other replays, glibc's utilization
+//     (tracing/replay.py, isolate=True).  Measured in one process after other replays, glibc's utilization
 //     on cnn_infer moved from 76% to 56%; after a training run, kv_decode's from 95% to 76%.
 // Limitation: a page already resident at the baseline and reused (part of a small free chunk that
 // malloc_trim could not return) is not counted, so glibc's figure can be a little low; it cannot

@@ -21,7 +21,7 @@
 // fork: the child must not write its parent's page.  pthread_atfork holds the publisher's lock
 // across fork (so the child never inherits an arena lock the publisher held), and the child drops
 // the inherited mapping; Python's os.register_at_fork then starts the child's own page
-// (python/torchpool/top.py).
+// (python/torchpool/cli/top.py).
 #pragma once
 
 #include <cstdint>

@@ -114,11 +114,11 @@ struct ParkedRelease {
 // is the one that last used the memory: unmap_chunk() synchronizes that stream once per call (one
 // call covers a run of chunks), then unmaps and releases.  Cost: one cuStreamSynchronize per run of
 // chunks given back; it blocks the CPU only when the stream still has work queued (measured on the
-// fake driver's timeline: docs/cuda.md).  During a capture of that stream synchronizing is illegal,
+// fake driver's timeline: docs/reference/cuda.md).  During a capture of that stream synchronizing is illegal,
 // so the chunks are parked (still mapped, still counted by the driver) and released at the first
 // upstream call after the capture ends; a parked chunk the pool maps again is taken back as it is.
 // Limitation: memory used on a stream the allocator was not told about (Tensor.record_stream does
-// nothing under a pluggable allocator: docs/cuda.md) is not waited for, as with reuse.
+// nothing under a pluggable allocator: docs/reference/cuda.md) is not waited for, as with reuse.
 
 // Plain device memory: one cuMemAlloc per segment.
 class CudaDeviceUpstream final : public Upstream {

@@ -16,7 +16,7 @@
 // can fail map_chunk cleanly; with populate, the pages are faulted in at map time (MAP_POPULATE).
 // Chunk size: CUDA's VMM maps 2 MiB at a time; the kernel maps any page.  512 KiB (chunk_bytes) is
 // the default: smaller chunks return the free bytes that sat in 2 MiB chunks shared with live blocks,
-// at no measured cost in the allocator benches (the measurements: docs/performance.md, "Measurements
+// at no measured cost in the allocator benches (the measurements: docs/measurements/2026-11-24-allocators.md, "Measurements
 // behind the defaults"); adjacent chunks merge into one kernel mapping.
 #pragma once
 

@@ -33,7 +33,7 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     "Statistics"). An allocator with no tensor left is freed and its memory returned.
     """
     kind = _device_kind(device)
-    publish = _config._parse_bool("publish", options.pop("publish", True))  # `torchpool top` (top.py)
+    publish = _config._parse_bool("publish", options.pop("publish", True))  # `torchpool top` (cli/top.py)
     if kind == "cuda":
         from . import cuda
 
@@ -43,7 +43,7 @@ def install(device: str | torch.device = "cpu", **options) -> "_C.Allocator":
     if current is not None and not options:
         return current
     # "cpu": host_vmm (expandable segments, the CPU default: Note [Holes in expandable segments];
-    # measured in docs/performance.md), or one mmap per segment with expandable_segments=False.
+    # measured in docs/measurements/2026-11-24-allocators.md), or one mmap per segment with expandable_segments=False.
     alloc = _C.Allocator("cpu", device_name="cpu", **cfg)
     _C.install_cpu(alloc)
     from .cli.top import set_publishing

@@ -11,7 +11,7 @@ For one region of a program only: ``with torch.cuda.use_mem_pool(torchpool.cuda.
 The allocator lives in libtorchpool_cuda.so (``library_path()``), which reaches the CUDA driver with
 dlopen (``TORCHPOOL_CUDA_DRIVER`` names another driver library, e.g. the fake one of the tests).
 What PyTorch's hooks cannot reach from Python is provided here: stats, snapshot, empty_cache,
-reset_peak_stats and ``record_stream`` (see docs/cuda.md: PyTorch's ``Tensor.record_stream`` does
+reset_peak_stats and ``record_stream`` (see docs/reference/cuda.md: PyTorch's ``Tensor.record_stream`` does
 nothing under a pluggable allocator; call ``torchpool.cuda.record_stream(tensor, stream)``).
 """
 
@@ -45,7 +45,7 @@ class CudaUnavailableError(RuntimeError):
 
 
 class CudaGraphCaptureError(RuntimeError):
-    """An allocation on a stream that is being captured into a CUDA graph (docs/cuda.md, Note [Graph
+    """An allocation on a stream that is being captured into a CUDA graph (docs/reference/cuda.md, Note [Graph
     capture]): run graph capture without torchpool's CUDA allocator."""
 
 
@@ -127,7 +127,7 @@ class CudaAllocator:
         return json.loads(text)
 
     def empty_cache(self) -> int:
-        """Returns the bytes released; blocks another stream may still use stay (docs/cuda.md)."""
+        """Returns the bytes released; blocks another stream may still use stay (docs/reference/cuda.md)."""
         return int(_library().torchpool_cuda_empty_cache(self.index))
 
     def reset_peak_stats(self) -> None:
@@ -265,7 +265,7 @@ def mempool(**options):
 def record_stream(tensor: torch.Tensor, stream) -> None:
     """What ``tensor.record_stream(stream)`` does under PyTorch's own allocator: the tensor's memory
     is reused only after the work queued on `stream` by the time the tensor is freed has completed.
-    (Under a pluggable allocator PyTorch's record_stream does nothing: docs/cuda.md.)"""
+    (Under a pluggable allocator PyTorch's record_stream does nothing: docs/reference/cuda.md.)"""
     handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
     alloc = allocator(tensor.device)
     if alloc is None:
