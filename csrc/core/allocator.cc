@@ -43,6 +43,7 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, Allocator
 
 CachingAllocator::~CachingAllocator() {
   fork_safety::remove_allocator(this);
+  if (live_blocks() == 0) owners_.set_clean();  // no entry is left: its nodes can serve the next map
   // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
   for (auto& p : pending_)
     for (auto e : p.events) events_->destroy(e);

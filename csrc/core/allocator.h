@@ -12,7 +12,7 @@
 //    │               upstream.h); polled by allocate() and empty_cache().
 //    └── trace_:     the event ring (trace.h), written only while recording.
 //
-// Lock order: pending_mu_ before an arena's mutex, an arena's before the owner map's overflow mutex
+// Lock order: pending_mu_ before an arena's mutex, an arena's before the owner map's mutexes (new nodes, overflow)
 // and the trace ring's (a block enters and leaves the owner map under its arena's lock); the owner
 // map's or uses_mu_ is never held while taking another lock.  lock_all() (fork, check()) takes every
 // lock in the order of Note [Fork] (fork.h): pending_mu_, arenas, owner map, uses_mu_, trace ring.

@@ -125,3 +125,28 @@ TEST_CASE("owner map: the allocator answers owns / block_size for interior and f
   CHECK(a.live_blocks() == 0);
   CHECK(a.check().empty());
 }
+
+TEST_CASE("owner map: a map made after another was destroyed sees none of its entries") {
+  // FakeUpstream hands every instance the same addresses, so the second allocator's map (which may
+  // reuse the first one's nodes, page_map_detail) is asked about exactly the addresses the first held.
+  for (bool leave_live : {false, true}) {
+    std::vector<uintptr_t> held;
+    {
+      CachingAllocator a(std::make_shared<FakeUpstream>(), AllocatorConfig{});
+      std::vector<void*> ps;
+      for (size_t n : {64, 100, 4096, 16384, 100000, 3u << 20, 40u << 20}) ps.push_back(a.allocate(n));
+      for (void* p : ps) held.push_back(reinterpret_cast<uintptr_t>(p));
+      if (!leave_live)
+        for (void* p : ps) CHECK(a.free(p));
+    }  // destroyed with every block freed (its leaves can be reused), or with live blocks (they cannot)
+    CachingAllocator b(std::make_shared<FakeUpstream>(), AllocatorConfig{});
+    for (uintptr_t p : held) {
+      CHECK_FALSE(b.owns(reinterpret_cast<void*>(p)));
+      CHECK_FALSE(b.free(reinterpret_cast<void*>(p)));
+    }
+    void* q = b.allocate(100);
+    CHECK(b.owns(q));
+    CHECK(b.free(q));
+    CHECK(b.check().empty());
+  }
+}
