@@ -134,7 +134,8 @@ TEST_CASE("owner map: a map made after another was destroyed sees none of its en
     {
       CachingAllocator a(std::make_shared<FakeUpstream>(), AllocatorConfig{});
       std::vector<void*> ps;
-      for (size_t n : {64, 100, 4096, 16384, 100000, 3u << 20, 40u << 20}) ps.push_back(a.allocate(n));
+      for (size_t n : {size_t{64}, size_t{100}, size_t{4096}, size_t{16384}, size_t{100000}, size_t{3} << 20, size_t{40} << 20})
+        ps.push_back(a.allocate(n));
       for (void* p : ps) held.push_back(reinterpret_cast<uintptr_t>(p));
       if (!leave_live)
         for (void* p : ps) CHECK(a.free(p));
