@@ -15,7 +15,8 @@ Allocators: torchpool (installed in the child), glibc (PyTorch's default CPU all
 tcmalloc / jemalloc / mimalloc through LD_PRELOAD when their Debian packages are installed (absent
 ones are skipped with a note).  Every measurement is a fresh interpreter; repetitions are interleaved
 (each repetition runs every allocator once, in a rotated order) and the median counts.
-Reported: million operations (one free + one allocation) per second, the ratio to glibc and to
+Reported: operations (one free + one allocation) per second (raw: millions, torch: thousands), the
+ratio to glibc and to
 tcmalloc at the same thread count, and the scaling from 1 to N threads (ops/s at N / ops/s at 1).
 The machine's core count bounds scaling: on 2 cores, 4 threads cannot exceed 2x.
 """
@@ -82,7 +83,7 @@ def child(alloc: str, quick: bool) -> int:
                 t.start()
             for t in ts:
                 t.join()
-            out[f"torch/{kind}/{n}"] = n * torch_iters / (time.perf_counter() - t0) / 1e6
+            out[f"torch/{kind}/{n}"] = n * torch_iters / (time.perf_counter() - t0) / 1e3
     if tp is not None:
         err = tp.check()
         if err:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             headers = ["allocator"]
             for n in THREADS:
-                headers += [f"{n}T Mops/s", "x glibc", "x tcmalloc"]
+                headers += [f"{n}T {'Mops/s' if path == 'raw' else 'kops/s'}", "x glibc", "x tcmalloc"]
             headers += [f"scale 1->{n}" for n in THREADS[1:]]
             print(f"\n{path} / {kind} ({'C++ threads, _C.churn' if path == 'raw' else 'Python threads, torch.empty'};"
                   f" {os.cpu_count()} CPUs; median of {args.reps})")

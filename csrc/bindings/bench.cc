@@ -5,6 +5,7 @@
 // mimalloc through LD_PRELOAD), so every allocator runs the identical loop.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <barrier>
 #include <chrono>
 #include <cstdlib>
@@ -42,13 +43,17 @@ double churn(size_t threads, size_t iterations, const std::vector<size_t>& sizes
   std::barrier start(static_cast<std::ptrdiff_t>(threads + 1));
   std::vector<std::thread> ts;
   std::vector<std::exception_ptr> errors(threads);
-  std::chrono::steady_clock::time_point t0, t1;
+  using Clock = std::chrono::steady_clock;
+  // Each thread times itself: the loop runs from the first thread's start to the last one's end (a
+  // clock read by the launching thread could miss the whole loop on a busy machine).
+  std::vector<Clock::time_point> begin(threads), end(threads);
   {
     py::gil_scoped_release nogil;
     for (size_t t = 0; t < threads; ++t)
       ts.emplace_back([&, t] {
         std::vector<void*> ring(live, nullptr);
         start.arrive_and_wait();
+        begin[t] = Clock::now();
         try {
           size_t k = t * 7919;  // threads start at different points of `sizes`
           for (size_t i = 0; i < iterations; ++i) {
@@ -63,15 +68,16 @@ double churn(size_t threads, size_t iterations, const std::vector<size_t>& sizes
         }
         for (void* p : ring)
           if (p) put(p);
+        end[t] = Clock::now();
       });
     start.arrive_and_wait();
-    t0 = std::chrono::steady_clock::now();
     for (auto& th : ts) th.join();
-    t1 = std::chrono::steady_clock::now();
   }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
-  return std::chrono::duration<double>(t1 - t0).count();
+  return std::chrono::duration<double>(*std::max_element(end.begin(), end.end()) -
+                                       *std::min_element(begin.begin(), begin.end()))
+      .count();
 }
 
 }  // namespace
