@@ -44,6 +44,7 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, Allocator
 
 CachingAllocator::~CachingAllocator() {
   fork_safety::remove_allocator(this);
+  if (live_blocks() == 0) owners_.set_clean();  // no entry is left: its nodes can serve the next map
   // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
   for (auto& p : pending_)
     for (auto e : p.events) events_->destroy(e);
@@ -61,12 +62,13 @@ Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t str
   Arena& a = *arenas_[arena];
   std::lock_guard<std::mutex> g(a.mu);
   Block* b = a.pool->allocate(bytes, stream);
-  if (b) {  // into the owner map before the arena lock goes: lock_all() never sees it half-way
-    Shard& sh = shard(b->addr);
-    std::lock_guard<std::mutex> sg(sh.mu);
-    sh.map.emplace(b->addr, Owner{b, arena});
-    sh.n.store(sh.map.size(), std::memory_order_relaxed);
+  if (!b) return nullptr;
+  // Into the owner map before the arena lock goes: lock_all() never sees it half-way.
+  if (!owners_.insert(b->addr, b, arena)) {  // no memory for a node of the map: out of memory
+    a.pool->free(b);
+    return nullptr;
   }
+  a.live.store(a.live.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   return b;
 }
 
@@ -104,36 +106,32 @@ void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
   return reinterpret_cast<void*>(b->addr);
 }
 
-bool CachingAllocator::take_owner(uintptr_t addr, Owner* out) {
-  Shard& sh = shard(addr);
-  std::lock_guard<std::mutex> g(sh.mu);
-  auto it = sh.map.find(addr);
-  if (it == sh.map.end()) return false;
-  *out = it->second;
-  sh.map.erase(it);
-  sh.n.store(sh.map.size(), std::memory_order_relaxed);
+bool CachingAllocator::take_owner(uintptr_t addr, uint32_t arena, Owner* out) {
+  *out = owners_.take(addr, arena);
+  if (!out->block) return false;
+  Arena& a = *arenas_[arena];
+  a.live.store(a.live.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
   return true;
 }
 
 // The owner-map entry leaves while the arena's lock is held (and after pending_mu_ for a deferred
 // block), so a block is never allocated in an arena and absent from the owner map where lock_all()
-// can see it (check(), fork: Note [Fork]).  The arena comes from a first, read-only lookup.
+// can see it (check(), fork: Note [Fork]).  The arena comes from a first, lock-free lookup (Note
+// [Flat owner map]).
 bool CachingAllocator::free(void* p) {
   if (!p) return true;
   const auto addr = reinterpret_cast<uintptr_t>(p);
   uint32_t arena = 0;
   if (arenas_.size() > 1) {
-    Shard& sh = shard(addr);
-    std::lock_guard<std::mutex> g(sh.mu);
-    auto it = sh.map.find(addr);
-    if (it == sh.map.end()) return false;
-    arena = it->second.arena;
+    const Owner o = owners_.find(addr);
+    if (!o.block) return false;
+    arena = o.arena;
   }
   Arena& a = *arenas_[arena];
   Owner o;
   if (num_uses_.load(std::memory_order_relaxed) == 0) {  // the common case: no record_stream anywhere
     std::lock_guard<std::mutex> g(a.mu);
-    if (!take_owner(addr, &o)) return false;
+    if (!take_owner(addr, arena, &o)) return false;
     if (trace_.enabled())
       trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
     a.pool->free(o.block);
@@ -157,7 +155,7 @@ bool CachingAllocator::free(void* p) {
   }
   if (events.empty()) {
     std::lock_guard<std::mutex> g(a.mu);
-    if (!take_owner(addr, &o)) return false;
+    if (!take_owner(addr, arena, &o)) return false;
     if (trace_.enabled())
       trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
     a.pool->free(o.block);
@@ -166,7 +164,7 @@ bool CachingAllocator::free(void* p) {
   std::lock_guard<std::mutex> pg(pending_mu_);
   {
     std::lock_guard<std::mutex> g(a.mu);
-    if (!take_owner(addr, &o)) {
+    if (!take_owner(addr, arena, &o)) {
       for (auto e : events) events_->destroy(e);
       return false;
     }
@@ -182,14 +180,9 @@ bool CachingAllocator::free(void* p) {
 bool CachingAllocator::record_stream(void* p, uint64_t stream) {
   if (!events_) return false;
   const auto addr = reinterpret_cast<uintptr_t>(p);
-  uint64_t own;
-  {
-    Shard& sh = shard(addr);
-    std::lock_guard<std::mutex> g(sh.mu);
-    auto it = sh.map.find(addr);
-    if (it == sh.map.end()) return false;
-    own = it->second.block->segment->stream;  // fixed while the block is allocated
-  }
+  const Owner o = owners_.find(addr);
+  if (!o.block) return false;
+  const uint64_t own = o.block->segment->stream;  // fixed while the block is allocated
   if (own == stream) return true;  // work on one stream runs in order: nothing to wait for
   std::lock_guard<std::mutex> g(uses_mu_);
   auto [it, inserted] = uses_.try_emplace(addr);
@@ -239,20 +232,15 @@ size_t CachingAllocator::process_events() {
 }
 
 bool CachingAllocator::owns(const void* p) const {
-  const auto addr = reinterpret_cast<uintptr_t>(p);
-  Shard& sh = shard(addr);
-  std::lock_guard<std::mutex> g(sh.mu);
-  return sh.map.count(addr) != 0;
+  return owners_.find(reinterpret_cast<uintptr_t>(p)).block != nullptr;
 }
 
 std::pair<size_t, size_t> CachingAllocator::block_size(const void* p) const {
-  const auto addr = reinterpret_cast<uintptr_t>(p);
-  Shard& sh = shard(addr);
-  std::lock_guard<std::mutex> g(sh.mu);
-  auto it = sh.map.find(addr);
-  if (it == sh.map.end()) return {0, 0};
-  // size and requested do not change while the block is allocated, so reading them here is safe
-  return {it->second.block->size, it->second.block->requested};
+  const Owner o = owners_.find(reinterpret_cast<uintptr_t>(p));
+  if (!o.block) return {0, 0};
+  // size and requested do not change while the block is allocated, and p is live for the caller
+  // (Note [Flat owner map]), so reading them without a lock is safe
+  return {o.block->size, o.block->requested};
 }
 
 size_t CachingAllocator::empty_cache() {
@@ -294,7 +282,7 @@ std::vector<SegmentView> CachingAllocator::snapshot() const {
 void CachingAllocator::lock_all() const {
   pending_mu_.lock();
   for (auto& a : arenas_) a->mu.lock();
-  for (auto& sh : shards_) sh.mu.lock();
+  owners_.lock();
   const_cast<std::mutex&>(uses_mu_).lock();
   trace_.lock();
 }
@@ -302,14 +290,14 @@ void CachingAllocator::lock_all() const {
 void CachingAllocator::unlock_all() const {
   trace_.unlock();
   const_cast<std::mutex&>(uses_mu_).unlock();
-  for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) it->mu.unlock();
+  owners_.unlock();
   for (auto it = arenas_.rbegin(); it != arenas_.rend(); ++it) (*it)->mu.unlock();
   pending_mu_.unlock();
 }
 
 size_t CachingAllocator::live_blocks() const {
   size_t n = 0;
-  for (auto& sh : shards_) n += sh.n.load(std::memory_order_relaxed);
+  for (auto& a : arenas_) n += a->live.load(std::memory_order_relaxed);
   return n;
 }
 
@@ -322,13 +310,28 @@ std::string CachingAllocator::check() const {
     ~Unlock() { a->unlock_all(); }
   } unlock{this};
   Stats s;
+  size_t live = 0;
   for (size_t i = 0; i < arenas_.size(); ++i) {
     std::string e = arenas_[i]->pool->check();
     if (!e.empty()) return "arena " + std::to_string(i) + ": " + e;
-    s.merge(arenas_[i]->pool->stats());
+    const Stats& as = arenas_[i]->pool->stats();
+    s.merge(as);
+    const size_t n = arenas_[i]->live.load(std::memory_order_relaxed);
+    if (static_cast<int64_t>(n) != as.allocation.current)
+      return "arena " + std::to_string(i) + " has " + std::to_string(n) + " pointers in the owner map but " +
+             std::to_string(as.allocation.current) + " allocated blocks";
+    // Every allocated block is in the owner map under its own arena (with the counts equal, the map
+    // holds nothing else).
+    for (const SegmentView& sv : arenas_[i]->pool->snapshot())
+      for (const BlockView& bv : sv.blocks) {
+        if (bv.state != Block::kAllocated || bv.deferred) continue;
+        const Owner o = owners_.find(bv.addr);
+        if (!o.block || o.block->addr != bv.addr || o.arena != i)
+          return "arena " + std::to_string(i) + ": allocated block at " + std::to_string(bv.addr) +
+                 " is missing from the owner map";
+      }
+    live += n;
   }
-  size_t live = 0;
-  for (auto& sh : shards_) live += sh.map.size();
   if (static_cast<int64_t>(live) != s.allocation.current)
     return "owner map holds " + std::to_string(live) + " pointers but the arenas hold " +
            std::to_string(s.allocation.current) + " allocated blocks";

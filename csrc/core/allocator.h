@@ -3,8 +3,8 @@
 //   CachingAllocator
 //    ├── arenas_[k]: a Pool behind its own mutex. Small requests use the calling thread's
 //    │               arena; large requests all use arena 0 (Note [Arenas]).
-//    ├── owners_:    address -> (arena, Block*) for live allocations, sharded by address so that
-//    │               frees from different threads rarely meet on a lock.
+//    ├── owners_:    address -> (arena, Block*) for live allocations, a radix tree over addresses
+//    │               read without locks (Note [Flat owner map], page_map.h).
 //    ├── pool_upstream_: what every arena maps through: upstream_ wrapped in a LimitingUpstream
 //    │               (max_bytes, one limit for all arenas) when there is a limit, then in a
 //    │               TracingUpstream writing segment events to trace_ (limiting_upstream.h,
@@ -15,10 +15,10 @@
 //    │               upstream.h); polled by allocate() and empty_cache().
 //    └── trace_:     the event ring (trace.h), written only while recording.
 //
-// Lock order: pending_mu_ before an arena's mutex, an arena's before a shard's and the trace ring's
-// (a block enters and leaves the owner map under its arena's lock); a shard's or
-// uses_mu_ is never held while taking another lock.  lock_all() (fork, check()) takes every lock in
-// the order of Note [Fork] (fork.h): pending_mu_, arenas, shards, uses_mu_, trace ring.
+// Lock order: pending_mu_ before an arena's mutex, an arena's before the owner map's mutexes (new nodes, overflow)
+// and the trace ring's (a block enters and leaves the owner map under its arena's lock); the owner
+// map's or uses_mu_ is never held while taking another lock.  lock_all() (fork, check()) takes every
+// lock in the order of Note [Fork] (fork.h): pending_mu_, arenas, owner map, uses_mu_, trace ring.
 //
 // Note [Impossible sizes]
 // -----------------------
@@ -32,7 +32,7 @@
 // serialise any allocation those threads make.  Approach: each thread is assigned an arena
 // round-robin on first use and takes only that arena's lock for small requests (up to
 // kSmallRequestLimit, 1 MiB: size classes and the best-fit small blocks above them); a free locks the
-// arena that owns the block (found in owners_).  Large requests share arena 0, so large cached
+// arena that owns the block (found in owners_ without a lock).  Large requests share arena 0, so large cached
 // blocks are not duplicated per thread (they are costly and rarely made off the main thread).
 // Limitation: statistics are kept per arena and summed; the summed peak is the sum of the arena
 // peaks, an upper bound of the true peak when several arenas are busy (exact with arenas=1).
@@ -57,6 +57,7 @@
 
 #include "fork.h"
 #include "limiting_upstream.h"
+#include "page_map.h"
 #include "pool.h"
 #include "trace.h"
 #include "tracing_upstream.h"
@@ -115,8 +116,8 @@ class CachingAllocator final : public ForkParticipant {
   // "" when every arena is valid and the owner map agrees with them.  Takes every lock at once
   // (lock_all), so the view is consistent while other threads allocate.
   std::string check() const;
-  // Live (allocated, not yet freed) blocks: a relaxed sum without locks, exact when no thread is
-  // allocating or freeing here.
+  // Live (allocated, not yet freed) blocks: a relaxed sum of the arenas' counts without locks, exact
+  // when no thread is allocating or freeing here.
   size_t live_blocks() const;
   std::string describe(size_t requested) const;  // the state line used in OOM messages
 
@@ -132,33 +133,21 @@ class CachingAllocator final : public ForkParticipant {
   void fork_child() override { unlock_all(); }
 
  private:
-  struct Arena {
+  struct alignas(64) Arena {
     std::mutex mu;
     std::unique_ptr<Pool> pool;
+    std::atomic<size_t> live{0};  // entries of this arena in owners_; written under mu
   };
-  struct Owner {
-    Block* block;
-    uint32_t arena;
-  };
+  using Owner = OwnerMap::Entry;
   struct Pending {
     Block* block;
     uint32_t arena;
     std::vector<StreamEvents::Event> events;
   };
-  // 16 shards: frees from different threads still rarely meet, and lock_all() holds few enough
-  // mutexes at once for ThreadSanitizer's deadlock detector (at most 64 held locks per thread).
-  static constexpr unsigned kShardBits = 4;
-  static constexpr size_t kShards = size_t{1} << kShardBits;
-  struct alignas(64) Shard {
-    mutable std::mutex mu;
-    std::unordered_map<uintptr_t, Owner> map;
-    std::atomic<size_t> n{0};  // map.size(), readable without the lock (live_blocks)
-  };
-
-  Shard& shard(uintptr_t addr) const { return shards_[(addr >> 6) * 0x9E3779B97F4A7C15ull >> (64 - kShardBits)]; }
   uint32_t arena_for(size_t bytes);
   Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);  // also enters the owner map
-  bool take_owner(uintptr_t addr, Owner* out);  // removes addr from the owner map; false if absent
+  // Removes addr from the owner map if `arena` (whose lock is held) owns it; false if not.
+  bool take_owner(uintptr_t addr, uint32_t arena, Owner* out);
 
   void release_pending_locked();  // pending_mu_ held
   void wait_pending();            // waits for every pending event, then releases the blocks
@@ -168,7 +157,7 @@ class CachingAllocator final : public ForkParticipant {
   AllocatorConfig config_;
   std::shared_ptr<Upstream> pool_upstream_;  // declared before arenas_: the pools unmap through it
   std::vector<std::unique_ptr<Arena>> arenas_;
-  mutable std::array<Shard, kShards> shards_;
+  OwnerMap owners_;
   TraceRing trace_;
   std::mutex uses_mu_;
   std::unordered_map<uintptr_t, std::vector<uint64_t>> uses_;

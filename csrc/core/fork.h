@@ -3,7 +3,7 @@
 // Note [Fork]
 // -----------
 // Problem: fork() copies only the calling thread.  A lock some other thread held at that moment
-// (an arena, an owner-map shard, the trace ring, the router of installed allocators) stays locked
+// (an arena, the owner map's node or overflow mutex, the trace ring, the router of installed allocators) stays locked
 // in the child forever, and the child's first allocation through it hangs.  Measured before this
 // existed: 7 of 200 forked children hung with two threads allocating (tests/test_fork_safety.py,
 // arenas=1), 1 of 60 DataLoader(fork) epochs; after: 0 of 400 children, 0 of 8 DataLoader epochs.
@@ -15,7 +15,9 @@
 // order of the whole library:
 //     outer participants by level (the torch glue's slot mutex, level 0; the Router, level 1)
 //     -> the registry mutex -> every live CachingAllocator in creation order, and inside one:
-//        pending_mu_ -> arenas (index order) -> owner-map shards (index order) -> uses_mu_ -> trace ring.
+//        pending_mu_ -> arenas (index order) -> the owner map's mutexes -> uses_mu_ -> trace ring.
+// The owner map itself is read without locks (Note [Flat owner map], page_map.h) and written only
+// under an arena's lock, so holding the arenas freezes it.
 // parent() and child() release them in the reverse order; in the child the forking thread is the
 // only thread and the owner of every lock, so unlocking is valid, and a Router also forgets the
 // read sections of threads that do not exist there (Note [Router grace periods]).
