@@ -20,7 +20,7 @@
 #include <memory>
 #include <utility>
 
-#include "upstream.h"
+#include "upstream_adaptor.h"
 
 namespace torchpool {
 
@@ -46,12 +46,12 @@ class ByteLimit {
   alignas(64) std::atomic<size_t> taken_{0};
 };
 
-class LimitingUpstream final : public Upstream {
+class LimitingUpstream final : public UpstreamAdaptor {
  public:
   LimitingUpstream(std::shared_ptr<Upstream> upstream, size_t max_bytes)
       : LimitingUpstream(std::move(upstream), std::make_shared<ByteLimit>(max_bytes)) {}
   LimitingUpstream(std::shared_ptr<Upstream> upstream, std::shared_ptr<ByteLimit> limit)
-      : upstream_(std::move(upstream)), limit_(std::move(limit)), granularity_(upstream_->granularity()) {}
+      : UpstreamAdaptor(std::move(upstream)), limit_(std::move(limit)) {}
 
   void* map(size_t bytes, uint64_t stream) override {
     if (!limit_->try_take(bytes)) return nullptr;
@@ -63,13 +63,6 @@ class LimitingUpstream final : public Upstream {
     upstream_->unmap(ptr, bytes, stream);
     limit_->give_back(bytes);
   }
-  size_t granularity() const override { return granularity_; }
-  const char* name() const override { return upstream_->name(); }
-
-  bool can_expand() const override { return upstream_->can_expand(); }
-  size_t reservation_bytes() const override { return upstream_->reservation_bytes(); }
-  void* reserve(size_t bytes, uint64_t stream) override { return upstream_->reserve(bytes, stream); }
-  void unreserve(void* base, size_t bytes, uint64_t stream) override { upstream_->unreserve(base, bytes, stream); }
   bool map_chunk(void* addr, size_t bytes, uint64_t stream) override {
     if (!limit_->try_take(bytes)) return false;
     if (upstream_->map_chunk(addr, bytes, stream)) return true;
@@ -82,12 +75,9 @@ class LimitingUpstream final : public Upstream {
   }
 
   const ByteLimit& limit() const { return *limit_; }
-  Upstream& upstream() { return *upstream_; }
 
  private:
-  std::shared_ptr<Upstream> upstream_;
   std::shared_ptr<ByteLimit> limit_;
-  size_t granularity_;  // fixed for an upstream's life; read on every pool miss
 };
 
 }  // namespace torchpool

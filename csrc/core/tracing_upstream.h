@@ -19,15 +19,15 @@
 #include <utility>
 
 #include "trace.h"
-#include "upstream.h"
+#include "upstream_adaptor.h"
 
 namespace torchpool {
 
-class TracingUpstream final : public Upstream {
+class TracingUpstream final : public UpstreamAdaptor {
  public:
   // device: written into each event (-1 host, else the device ordinal).
   TracingUpstream(std::shared_ptr<Upstream> upstream, TraceRing& ring, int32_t device)
-      : upstream_(std::move(upstream)), ring_(ring), device_(device), granularity_(upstream_->granularity()) {}
+      : UpstreamAdaptor(std::move(upstream)), ring_(ring), device_(device) {}
 
   void* map(size_t bytes, uint64_t stream) override {
     void* p = upstream_->map(bytes, stream);
@@ -38,13 +38,6 @@ class TracingUpstream final : public Upstream {
     record(TraceOp::kSegmentUnmap, ptr, bytes, stream);
     upstream_->unmap(ptr, bytes, stream);
   }
-  size_t granularity() const override { return granularity_; }
-  const char* name() const override { return upstream_->name(); }
-
-  bool can_expand() const override { return upstream_->can_expand(); }
-  size_t reservation_bytes() const override { return upstream_->reservation_bytes(); }
-  void* reserve(size_t bytes, uint64_t stream) override { return upstream_->reserve(bytes, stream); }
-  void unreserve(void* base, size_t bytes, uint64_t stream) override { upstream_->unreserve(base, bytes, stream); }
   bool map_chunk(void* addr, size_t bytes, uint64_t stream) override {
     if (!upstream_->map_chunk(addr, bytes, stream)) return false;
     record(TraceOp::kSegmentMap, addr, bytes, stream);
@@ -55,17 +48,14 @@ class TracingUpstream final : public Upstream {
     upstream_->unmap_chunk(addr, bytes, stream);
   }
 
-  Upstream& upstream() { return *upstream_; }
 
  private:
   void record(TraceOp op, const void* addr, size_t bytes, uint64_t stream) {
     if (ring_.enabled()) ring_.record(op, reinterpret_cast<uintptr_t>(addr), bytes, 0, stream, device_);
   }
 
-  std::shared_ptr<Upstream> upstream_;
   TraceRing& ring_;
   int32_t device_;
-  size_t granularity_;
 };
 
 }  // namespace torchpool

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/allocator.h"
+#include "workload.h"
 #include "core/limiting_upstream.h"
 #include "core/tracing_upstream.h"
 #include "upstreams/cuda_driver.h"
@@ -30,6 +31,8 @@
 #include "upstreams/host_vmm.h"
 
 using namespace torchpool;
+using torchpool::testing::random_workload;
+using torchpool::testing::touch;
 
 namespace {
 constexpr size_t MiB = size_t{1} << 20;
@@ -167,38 +170,6 @@ std::vector<Subject> subjects() {
   return out;
 }
 
-// Writes the first and the last byte and reads them back (the memory is there and writable).
-void touch(void* p, size_t bytes) {
-  auto* c = static_cast<unsigned char*>(p);
-  c[bytes - 1] = 0xa5;
-  c[0] = 0x5a;
-  CHECK(c[0] == 0x5a);
-  if (bytes > 1) CHECK(c[bytes - 1] == 0xa5);
-}
-
-void random_workload(CachingAllocator& a, uint64_t seed, int steps, bool check_each, bool write) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::pair<void*, size_t>> live;
-  for (int i = 0; i < steps; ++i) {
-    if (live.empty() || rng() % 100 < 55) {
-      const int kind = rng() % 10;
-      size_t n = kind < 7 ? 1 + rng() % 4096 : kind < 9 ? 1 + rng() % (1u << 20) : (1u << 20) + rng() % (24u << 20);
-      void* p = a.allocate(n);
-      REQUIRE(p != nullptr);
-      REQUIRE(reinterpret_cast<uintptr_t>(p) % 64 == 0);
-      if (write) touch(p, n);
-      live.push_back({p, n});
-    } else {
-      const size_t k = rng() % live.size();
-      REQUIRE(a.free(live[k].first));
-      live[k] = live.back();
-      live.pop_back();
-    }
-    if (check_each) REQUIRE(a.check() == "");
-  }
-  for (auto& [p, n] : live) REQUIRE(a.free(p));
-  REQUIRE(a.check() == "");
-}
 
 bool runnable(const Subject& s) {
   if (s.skip.empty()) return true;

@@ -13,35 +13,11 @@
 #include "core/pool.h"
 #include "upstreams/fake.h"
 #include "upstreams/host_mmap.h"
+#include "workload.h"
 
 using namespace torchpool;
+using torchpool::testing::random_workload;
 
-namespace {
-
-void random_workload(CachingAllocator& a, uint64_t seed, int steps, bool check_each) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::pair<void*, size_t>> live;
-  for (int i = 0; i < steps; ++i) {
-    if (live.empty() || rng() % 100 < 55) {
-      const int kind = rng() % 10;
-      size_t n = kind < 7 ? 1 + rng() % 4096 : kind < 9 ? 1 + rng() % (1u << 20) : (1u << 20) + rng() % (24u << 20);
-      void* p = a.allocate(n);
-      REQUIRE(p != nullptr);
-      REQUIRE(reinterpret_cast<uintptr_t>(p) % 64 == 0);
-      live.push_back({p, n});
-    } else {
-      const size_t k = rng() % live.size();
-      REQUIRE(a.free(live[k].first));
-      live[k] = live.back();
-      live.pop_back();
-    }
-    if (check_each) REQUIRE(a.check() == "");
-  }
-  for (auto& [p, n] : live) REQUIRE(a.free(p));
-  REQUIRE(a.check() == "");
-}
-
-}  // namespace
 
 TEST_CASE("large blocks are split and coalesced") {
   auto up = std::make_shared<FakeUpstream>();
