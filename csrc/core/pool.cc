@@ -129,7 +129,7 @@ void Pool::account_inactive(Block* b, int sign) {
       stats_.inactive_split.sub(1);
     }
   }
-  if (b->state == Block::kCached) {
+  if (b->state == Block::kCached || b->state == Block::kLent) {  // Note [Lent class blocks]
     if (sign > 0) {
       stats_.cached_class_bytes.add(size);
     } else {
@@ -388,6 +388,49 @@ Block* Pool::allocate(size_t bytes, uint64_t stream) {
   }
   TP_ASSERT_EXPENSIVE(check());
   return b;
+}
+
+// ---- lending class blocks to a thread cache: Note [Lent class blocks] -------------------------
+
+int32_t Pool::class_for(size_t bytes) const {
+  size_t rounded;
+  if (bytes == 0 || !checked_round_up(bytes, config_.alignment, &rounded)) return -1;
+  if (rounded > config_.max_class_bytes || !config_.size_classes) return -1;
+  return static_cast<int32_t>(aligned_class_[class_of(rounded)]);
+}
+
+size_t Pool::lend(uint32_t cls, uint64_t stream, Block** out, size_t n) {
+  TP_ASSERT(cls < kNumSizeClasses);
+  FreeLists& fl = lists(stream);
+  size_t k = 0;
+  while (k < n) {
+    Block* b = fl.class_head[cls];
+    if (b) {
+      unpark(b);  // leaves it kFree, off the list and out of the gauges
+    } else {
+      b = allocate_best_fit(class_bytes(cls), class_bytes(cls), stream, /*small=*/true);
+      if (!b) break;
+      b->cls = static_cast<int32_t>(cls);
+    }
+    b->state = Block::kLent;
+    b->requested = 0;
+    lent_bytes_ += b->size;
+    account_inactive(b, +1);
+    out[k++] = b;
+  }
+  TP_ASSERT_EXPENSIVE(check());
+  return k;
+}
+
+void Pool::take_back(Block* const* blocks, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    Block* b = blocks[i];
+    TP_ASSERT(b->state == Block::kLent);
+    account_inactive(b, -1);
+    lent_bytes_ -= b->size;
+    park(b);
+  }
+  TP_ASSERT_EXPENSIVE(check());
 }
 
 void Pool::defer(Block* b) {

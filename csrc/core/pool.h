@@ -26,6 +26,9 @@
 //   kDeferred   freed by the caller but still in use by another stream (Note [Stream ordering],
 //               upstream.h).  Counted in active_bytes, not in allocated_bytes.  Not on any free
 //               structure, so its segment is never returned.  Pool::free() makes it kFree/kCached.
+//   kLent       a class block lent to a thread cache (Note [Lent class blocks]).  Counted as
+//               cached exactly like kCached (cached_class_bytes, inactive_split_bytes), but on no
+//               class list; size == class_bytes(cls).  Pool::take_back() parks it (kCached).
 //   For every segment:  first->addr == base,  b->next->addr == b->addr + b->size,
 //                       sum(block sizes) == size.
 //   Expandable segments: size <= reserved, base / size / reserved multiples of the upstream
@@ -39,8 +42,21 @@
 //   Other segments:     mapped == size.
 //   Gauges:  allocated_bytes == Σ size of kAllocated,  requested_bytes == Σ requested,
 //            active_bytes == allocated_bytes + Σ size of kDeferred (active == allocation + #kDeferred),
-//            reserved_bytes == Σ segment mapped,  cached_class_bytes == Σ size of kCached,
-//            inactive_split_bytes == Σ size of kFree/kCached blocks whose segment has > 1 block.
+//            reserved_bytes == Σ segment mapped,  cached_class_bytes == Σ size of kCached/kLent,
+//            inactive_split_bytes == Σ size of kFree/kCached/kLent blocks whose segment has > 1 block,
+//            lent_bytes() == Σ size of kLent.
+//
+// Note [Lent class blocks]
+// ------------------------
+// Rationale: a per-thread cache (issue 12) hands out class blocks without the arena's lock, so the
+// blocks it holds must be neither allocated (memory_stats would count them as in use) nor on a class
+// list (the pool would hand them out twice).  Approach: Pool::lend() moves up to n blocks of one
+// class, from the class list first and carved best fit after, into the state kLent, which every gauge
+// counts as cached (the walk checks it); Pool::take_back() parks them again in one batch.  While a
+// block is lent the pool never merges, reclaims or returns it, so the segment that holds it stays
+// mapped: whoever holds lent blocks must give them back before empty_cache() can return their memory
+// (the thread cache's drain) and before the pool is destroyed.  The thread cache itself (handing a
+// lent block to a caller as allocated, with per-thread counters) is not built yet.
 //
 // Note [Parked class blocks]
 // --------------------------
@@ -119,7 +135,7 @@ namespace torchpool {
 struct Segment;
 
 struct Block {
-  enum State : uint8_t { kFree, kCached, kAllocated, kDeferred };
+  enum State : uint8_t { kFree, kCached, kAllocated, kDeferred, kLent };
 
   uintptr_t addr = 0;
   size_t size = 0;
@@ -205,6 +221,16 @@ class Pool {
   // ordering]).  It stays out of every free structure until free() is called on it.
   void defer(Block* block);
 
+  // Note [Lent class blocks].  The class that serves a request of `bytes`, or -1 when such a request
+  // is not served by size classes (too large, size_classes off).  bytes >= 1.
+  int32_t class_for(size_t bytes) const;
+  // Lends up to n blocks of class `cls` (a value of class_for) on `stream` into out[0..k): kLent,
+  // counted as cached.  Returns k (< n only when the upstream refuses memory).
+  size_t lend(uint32_t cls, uint64_t stream, Block** out, size_t n);
+  // Takes kLent blocks back: each is parked on its class list (kCached).
+  void take_back(Block* const* blocks, size_t n);
+  size_t lent_bytes() const { return lent_bytes_; }
+
   // Merge parked class blocks, then return entirely free segments and the free chunks of expandable
   // segments to the upstream (largest first, until target_bytes).
   // Returns the bytes returned.
@@ -287,6 +313,7 @@ class Pool {
   uint64_t frees_ = 0;                  // Pool::free() calls, so make_room() can skip fruitless searches
   uint64_t fruitless_at_ = ~uint64_t{0};
   uint64_t next_segment_id_ = 0;
+  size_t lent_bytes_ = 0;  // Σ size of kLent blocks: Note [Lent class blocks]
   std::unordered_map<uint64_t, FreeLists> streams_;
   uint64_t last_stream_ = ~uint64_t{0};
   FreeLists* last_lists_ = nullptr;

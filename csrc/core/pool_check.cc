@@ -44,7 +44,9 @@ std::vector<SegmentView> Pool::snapshot() const {
     SegmentView v{s->base, s->mapped, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
     for (const Block* b = s->first; b; b = b->next) {
       const bool deferred = b->state == Block::kDeferred;
-      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, deferred ? Block::kAllocated : b->state, deferred,
+      // A lent block shows as cached (Note [Lent class blocks]): the snapshot's states stay as they were.
+      const Block::State shown = deferred ? Block::kAllocated : b->state == Block::kLent ? Block::kCached : b->state;
+      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, shown, deferred,
                           b->state == Block::kFree ? mapped_in(b) : b->size});
     }
     out.push_back(std::move(v));
@@ -88,6 +90,7 @@ std::string Pool::check() const {
   int64_t deferred_bytes = 0, deferred_blocks = 0;
   Stats want;
   size_t free_blocks = 0;
+  size_t lent = 0;
   for (const Segment* s = segments_; s; s = s->next) {
     if (s->first == nullptr || s->first->addr != s->base) return fail("segment does not start with its first block", s->first);
     if (s->first->prev) return fail("first block has a predecessor", s->first);
@@ -137,6 +140,13 @@ std::string Pool::check() const {
           if (!parked.count(b)) return fail("parked block missing from its class list", b);
           want.cached_class_bytes.current += size;
           break;
+        case Block::kLent:  // Note [Lent class blocks]: cached, on no list
+          if (!s->small || b->cls < 0 || b->size != class_bytes(static_cast<uint32_t>(b->cls)))
+            return fail("lent block has the wrong class or size", b);
+          if (b->requested != 0) return fail("lent block has a requested size", b);
+          want.cached_class_bytes.current += size;
+          lent += b->size;
+          break;
         case Block::kFree: {
           if (b->next && b->next->state == Block::kFree) return fail("two adjacent free blocks", b);
           auto it = streams_.find(s->stream);
@@ -147,7 +157,7 @@ std::string Pool::check() const {
           break;
         }
       }
-      if ((b->state == Block::kFree || b->state == Block::kCached) && b->is_split()) {
+      if ((b->state == Block::kFree || b->state == Block::kCached || b->state == Block::kLent) && b->is_split()) {
         want.inactive_split_bytes.current += size;
         want.inactive_split.current += 1;
       }
@@ -156,6 +166,7 @@ std::string Pool::check() const {
     want.reserved_bytes.current += static_cast<int64_t>(s->mapped);
     want.segment.current += 1;
   }
+  if (lent != lent_bytes_) return fail("lent_bytes disagrees with the lent blocks", nullptr);
   size_t in_sets = 0;
   for (const auto& [stream, fl] : streams_) in_sets += fl.small_free.size() + fl.large_free.size();
   if (in_sets != free_blocks) return fail("free sets hold blocks that are not free in any segment", nullptr);

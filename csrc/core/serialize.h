@@ -79,6 +79,7 @@ inline const char* block_state_name(const BlockView& b) {
     case Block::kCached: return "cached";
     case Block::kAllocated: return "allocated";
     case Block::kDeferred: return "deferred";
+    case Block::kLent: return "cached";  // Note [Lent class blocks]; snapshot() shows it as kCached
   }
   return "?";
 }

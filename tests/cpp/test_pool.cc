@@ -306,3 +306,60 @@ TEST_CASE("reserve target: random workloads on both kinds of segments keep every
     random_workload(a, 11 + expandable, 3000, true);
   }
 }
+
+TEST_CASE("lent class blocks count as cached, are never handed out twice and come back parked") {
+  for (size_t reservation : {size_t{0}, size_t{64} << 20}) {  // ordinary and expandable segments
+    CAPTURE(reservation);
+    FakeUpstream up(SIZE_MAX, 2u << 20, reservation);
+    Pool pool(up, {});
+    REQUIRE(pool.class_for(1) >= 0);
+    CHECK(pool.class_for(kSmallRequestLimit) == -1);  // above max_class_bytes: best fit
+    const auto cls = static_cast<uint32_t>(pool.class_for(1000));
+    const size_t bytes = class_bytes(cls);
+    Block* parked = pool.allocate(1000);  // one block parked on the class list before lending
+    REQUIRE(parked != nullptr);
+    pool.free(parked);
+    REQUIRE(pool.stats().cached_class_bytes.current == static_cast<int64_t>(bytes));
+    Block* lent[8];
+    REQUIRE(pool.lend(cls, 0, lent, 8) == 8);
+    CHECK(lent[0] == parked);  // the class list first
+    CHECK(pool.check() == "");
+    CHECK(pool.lent_bytes() == 8 * bytes);
+    CHECK(pool.stats().allocated_bytes.current == 0);
+    CHECK(pool.stats().requested_bytes.current == 0);
+    CHECK(pool.stats().active_bytes.current == 0);
+    CHECK(pool.stats().cached_class_bytes.current == static_cast<int64_t>(8 * bytes));
+    CHECK(pool.stats().classes[cls].cached_blocks == 8);
+    // While lent, the pool serves the class from elsewhere and never returns their segment.
+    Block* other = pool.allocate(1000);
+    REQUIRE(other != nullptr);
+    for (Block* b : lent) CHECK(b != other);
+    pool.free(other);
+    pool.release_cached();
+    CHECK(pool.stats().reserved_bytes.current > 0);
+    CHECK(pool.check() == "");
+    for (const SegmentView& s : pool.snapshot())
+      for (const BlockView& b : s.blocks) CHECK(b.state != Block::kLent);  // shown as cached
+    pool.take_back(lent, 8);
+    CHECK(pool.lent_bytes() == 0);
+    CHECK(pool.check() == "");
+    CHECK(pool.stats().cached_class_bytes.current == static_cast<int64_t>(8 * bytes));
+    pool.release_cached();  // now everything can go back
+    CHECK(pool.stats().reserved_bytes.current == 0);
+    CHECK(pool.stats().cached_class_bytes.current == 0);
+    CHECK(pool.check() == "");
+  }
+}
+
+TEST_CASE("lend stops short when the upstream refuses memory and leaves the pool valid") {
+  FakeUpstream up(2u << 20);  // one small segment at most
+  Pool pool(up, {});
+  const auto cls = static_cast<uint32_t>(pool.class_for(16u << 10));
+  std::vector<Block*> lent(1000);
+  const size_t k = pool.lend(cls, 0, lent.data(), lent.size());
+  CHECK(k == (2u << 20) / class_bytes(cls));
+  CHECK(pool.check() == "");
+  CHECK(pool.stats().cached_class_bytes.current == static_cast<int64_t>(k * class_bytes(cls)));
+  pool.take_back(lent.data(), k);
+  CHECK(pool.check() == "");
+}
