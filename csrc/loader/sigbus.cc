@@ -58,7 +58,9 @@ void wait_written() {
   }
 }
 
-void describe(uintptr_t addr) {
+// Writes the message for a fault at addr in a registered mapping.  Returns false only for a thread
+// that faulted in a mapping while another thread wrote (or had written) the message.
+bool describe(uintptr_t addr) {
   for (Slot& s : g_slots) {
     const ShardFile* f = s.shard.load(std::memory_order_acquire);
     if (!f) continue;
@@ -69,7 +71,7 @@ void describe(uintptr_t addr) {
     int expect = 0;
     if (!g_writing.compare_exchange_strong(expect, 1, std::memory_order_acq_rel)) {
       wait_written();
-      return;
+      return false;
     }
     put("torchpool: SIGBUS at ");
     put(f->path().c_str());
@@ -86,14 +88,23 @@ void describe(uintptr_t addr) {
         "dies. Files that may change under a running process: open_checkpoint(path, copy=True) returns "
         "owned memory only.\n");
     g_writing.store(2, std::memory_order_release);
-    return;
+    return true;
   }
+  return true;
 }
 
 void handler(int sig, siginfo_t* info, void*) {
   const int saved = errno;
   const bool fault = info != nullptr && info->si_code > 0;  // sent by the kernel for this access
-  if (fault) describe(reinterpret_cast<uintptr_t>(info->si_addr));
+  if (fault && !describe(reinterpret_cast<uintptr_t>(info->si_addr))) {
+    // Another thread faulted in a mapping first and is handing its signal on, which ends the process.
+    // Wait for that (up to 5 s) instead of entering the next handler too: two threads at once in
+    // faulthandler's handler interleave their dumps and can crash it (SIGSEGV instead of SIGBUS).
+    for (int i = 0; i < 5000; ++i) {
+      struct timespec ts = {0, 1000000};
+      ::nanosleep(&ts, nullptr);
+    }
+  }
   // Hand the signal to the action this one replaced: a fault re-executes the access and arrives
   // there; a sent signal is sent again (delivered when this handler returns).
   ::sigaction(sig, &g_prev, nullptr);

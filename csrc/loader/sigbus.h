@@ -12,7 +12,9 @@
 // table and, when it falls in a registered mapping, writes with write(2) alone
 //   torchpool: SIGBUS at /x/model.safetensors file offset 8192 (tensor 'w'): the file is shorter than when it was opened ...
 // (the tensor found by binary search over the shard's offset-sorted index, read-only after
-// construction; when several threads fault at once, the first writes and the others wait for it).
+// construction; when several threads fault at once, the first writes and hands its signal on, and the
+// others wait up to 5 s for the process to end rather than enter the next handler at the same time:
+// faulthandler, entered by two threads at once, interleaves its dumps and can crash with SIGSEGV).
 // The handler then restores the action it replaced and returns: the faulting
 // instruction runs again and the previous handler gets the fault (faulthandler, when it was enabled
 // before the first checkpoint was opened, e.g. by pytest or -X faulthandler, prints the Python
