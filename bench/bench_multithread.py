@@ -11,7 +11,8 @@ Two paths, each at 1, 2 and 4 threads, for small (64 B-16 KiB, the size classes)
          the allocator torchpool.install() makes (the CPU defaults); the others on malloc/free.
   torch  Python threads, each keeping a ring of live CPU tensors (torch.empty + one element written):
          what a DataLoader worker thread or an OpenMP region pays, interpreter included.
-Allocators: torchpool (installed in the child), glibc (PyTorch's default CPU allocator), and
+Allocators: torchpool (installed in the child; "torchpool:thread_cache=0;arenas=1" installs with those
+options, to compare a choice in the same run), glibc (PyTorch's default CPU allocator), and
 tcmalloc / jemalloc / mimalloc through LD_PRELOAD when their Debian packages are installed (absent
 ones are skipped with a note).  Every measurement is a fresh interpreter; repetitions are interleaved
 (each repetition runs every allocator once, in a rotated order) and the median counts.
@@ -50,10 +51,12 @@ ITERS = {  # per thread: (raw, torch), full and --quick
 def child(alloc: str, quick: bool) -> int:
     import torch
 
-    if alloc == "torchpool":
+    if alloc.split(":")[0] == "torchpool":
         import torchpool
 
-        tp = torchpool.install()
+        # "torchpool:thread_cache=0" installs with options, e.g. to compare a choice in the same run
+        opts = dict(kv.split("=", 1) for kv in alloc.split(":", 1)[1].split(";")) if ":" in alloc else {}
+        tp = torchpool.install(**opts)
     else:
         tp = None
     from torchpool import _C
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {name} skipped (install the Debian package {PRELOADS[name][1]})", file=sys.stderr)
                 continue
             allocs.append((name, lib))
-        elif name in ("torchpool", "glibc"):
+        elif name.split(":")[0] == "torchpool" or name == "glibc":
             allocs.append((name, None))
         else:
             ap.error(f"unknown allocator {name}")

@@ -61,9 +61,9 @@ FORK_STRESS = textwrap.dedent("""
     """)
 
 
-@pytest.mark.parametrize("arenas", [1, 4])
-def test_fork_while_threads_allocate_never_hangs(python_subprocess, arenas):
-    code = FORK_STRESS.format(opts=f"arenas={arenas}", threads=2, forks=200, timeout=10)
+@pytest.mark.parametrize("arenas,thread_cache", [(1, 0), (4, 0), (4, 1)])
+def test_fork_while_threads_allocate_never_hangs(python_subprocess, arenas, thread_cache):
+    code = FORK_STRESS.format(opts=f"arenas={arenas}, thread_cache={thread_cache}", threads=2, forks=200, timeout=10)
     r = python_subprocess(code, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

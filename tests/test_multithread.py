@@ -12,8 +12,9 @@ from torchpool import _C
 
 @pytest.mark.parametrize("upstream", ["fake", "host"])
 @pytest.mark.parametrize("arenas", [1, 4])
-def test_churn_leaves_nothing_allocated_and_every_invariant_holds(upstream, arenas):
-    a = _C.Allocator(upstream, arenas=arenas)
+@pytest.mark.parametrize("thread_cache", [False, True])
+def test_churn_leaves_nothing_allocated_and_every_invariant_holds(upstream, arenas, thread_cache):
+    a = _C.Allocator(upstream, arenas=arenas, thread_cache=thread_cache)
     sizes = [64, 1000, 4096, 16384, 100_000, 3 << 20, 512]
     seconds = _C.churn(4, 3000, sizes, live=16, touch=(upstream == "host"), allocator=a)
     assert seconds > 0

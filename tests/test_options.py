@@ -23,7 +23,7 @@ def _by_name():
 
 def test_options_list_every_option_with_its_schema():
     opts = _by_name()
-    assert {"max_bytes", "max_cached_bytes", "max_reserved_ratio", "arenas", "size_classes", "max_class_bytes",
+    assert {"max_bytes", "max_cached_bytes", "max_reserved_ratio", "arenas", "thread_cache", "size_classes", "max_class_bytes",
             "small_segment_bytes", "large_rounding", "min_split_bytes", "max_split_bytes", "alignment",
             "expandable_segments", "chunk_bytes", "reserve_bytes", "huge_pages", "populate", "publish"} == set(opts)
     for o in opts.values():
@@ -149,4 +149,5 @@ def test_replay_mode_torchpool_is_exactly_what_install_builds(python_subprocess)
                        "torchpool-segments": {"expandable_segments": False},
                        "torchpool-segments-no-target": {"expandable_segments": False, "max_reserved_ratio": 0.0},
                        "torchpool-bestfit": {"size_classes": False},
+                       "torchpool-no-thread-cache": {"thread_cache": False},
                        "torchpool-cuda-expandable": {"expandable_segments": True}}

@@ -57,9 +57,10 @@ ops = st.lists(st.tuples(st.booleans(), sizes, st.integers(0, 10**6)), min_size=
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=ops, upstream=st.sampled_from(UPSTREAMS), size_classes=st.booleans(), max_cached=st.sampled_from([None, 0, 8 << 20]))
-def test_random_alloc_free_keeps_invariants(ops, upstream, size_classes, max_cached):
-    opts = {"size_classes": size_classes}
+@given(ops=ops, upstream=st.sampled_from(UPSTREAMS), size_classes=st.booleans(), max_cached=st.sampled_from([None, 0, 8 << 20]),
+       thread_cache=st.booleans())
+def test_random_alloc_free_keeps_invariants(ops, upstream, size_classes, max_cached, thread_cache):
+    opts = {"size_classes": size_classes, "thread_cache": thread_cache}
     if max_cached is not None:
         opts["max_cached_bytes"] = max_cached
     a = torchpool.Allocator(upstream, **opts)
@@ -83,10 +84,11 @@ def test_random_alloc_free_keeps_invariants(ops, upstream, size_classes, max_cac
     assert a.check() == ""
 
 
-def test_stats_match_snapshot_after_torch_workload(python_subprocess):
-    r = python_subprocess(textwrap.dedent("""
+@pytest.mark.parametrize("thread_cache", [0, 1])
+def test_stats_match_snapshot_after_torch_workload(python_subprocess, thread_cache):
+    r = python_subprocess(textwrap.dedent(f"""
         import json, random, torch, torchpool
-        torchpool.install(arenas=1)
+        torchpool.install(arenas=1, thread_cache={thread_cache})
         rng = random.Random(0)
         keep = []
         for step in range(400):
@@ -97,7 +99,7 @@ def test_stats_match_snapshot_after_torch_workload(python_subprocess):
             if keep and rng.random() < 0.4:
                 keep.pop(rng.randrange(len(keep)))
         a = torchpool.allocator()
-        print(json.dumps({"stats": a.stats(), "snapshot": a.snapshot(), "check": a.check()}))
+        print(json.dumps({{"stats": a.stats(), "snapshot": a.snapshot(), "check": a.check()}}))
         """))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -148,8 +150,9 @@ def test_per_class_table_counts_hits():
     assert row["misses"] == 1 and row["hits"] == 4 and row["cached_blocks"] == 1 and row["allocated_blocks"] == 0
 
 
-def test_threads_stress_with_cross_thread_frees():
-    a = torchpool.Allocator("fake", arenas=4)
+@pytest.mark.parametrize("thread_cache", [False, True])
+def test_threads_stress_with_cross_thread_frees(thread_cache):
+    a = torchpool.Allocator("fake", arenas=4, thread_cache=thread_cache)
     handoff = []
     lock = threading.Lock()
     errors = []

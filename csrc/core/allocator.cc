@@ -39,11 +39,38 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Upstream> upstream, Allocator
     a->pool = std::make_unique<Pool>(*pool_upstream_, config_.pool);
     arenas_.push_back(std::move(a));
   }
+  gen_ = next_gen();
+  // Note [Thread caches]: host allocators only (a cache serves stream 0 and knows no events).
+  if (config_.thread_cache && !events_ && config_.pool.size_classes && arenas_.size() <= 256) {
+    while (tcache_classes_ < kNumSizeClasses && class_bytes(tcache_classes_) <= config_.pool.max_class_bytes)
+      ++tcache_classes_;
+    tcache_ = tcache_classes_ > 0;
+    tcache_max_bytes_ = config_.pool.max_class_bytes;
+    // The pool's class_for() is a function of 64-byte steps (every class is a multiple of 64 and
+    // blocks are aligned to >= 64), so a table of them serves the hot path.
+    if (tcache_) {
+      tcache_class_of_.assign(tcache_max_bytes_ / 64 + 1, 0xFF);
+      for (size_t k = 1; k < tcache_class_of_.size(); ++k) {
+        const int32_t cls = arenas_[0]->pool->class_for(k * 64);
+        if (cls >= 0 && static_cast<uint32_t>(cls) < tcache_classes_) tcache_class_of_[k] = static_cast<uint8_t>(cls);
+      }
+    }
+  }
   fork_safety::add_allocator(this);  // Note [Fork]
 }
 
 CachingAllocator::~CachingAllocator() {
   fork_safety::remove_allocator(this);
+  if (tcache_) {  // no thread can retire a cache now: the registry no longer lists this allocator
+    forget_my_cache();
+    std::lock_guard<std::mutex> g(caches_mu_);
+    for (ThreadCache* c : caches_) {
+      c->acquire();
+      drain_locked(c, false);
+      delete c;
+    }
+    caches_.clear();
+  }
   if (live_blocks() == 0) owners_.set_clean();  // no entry is left: its nodes can serve the next map
   // Deferred blocks go with their segments when the pools are destroyed; only the events remain.
   for (auto& p : pending_)
@@ -58,10 +85,13 @@ uint32_t CachingAllocator::arena_for(size_t bytes) {
   return mine % static_cast<uint32_t>(arenas_.size());
 }
 
-Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t stream) {
+Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t stream, ThreadCache* c) {
   Arena& a = *arenas_[arena];
   std::lock_guard<std::mutex> g(a.mu);
+  const int64_t releases = a.pool->stats().num_target_releases;
   Block* b = a.pool->allocate(bytes, stream);
+  if (tcache_ && a.pool->stats().num_target_releases != releases)  // Note [Thread caches]: trim them too
+    trim_pending_.store(true, std::memory_order_relaxed);
   if (!b) return nullptr;
   // Into the owner map before the arena lock goes: lock_all() never sees it half-way.
   if (!owners_.insert(b->addr, b, arena)) {  // no memory for a node of the map: out of memory
@@ -69,6 +99,7 @@ Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t str
     return nullptr;
   }
   a.live.store(a.live.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  if (tcache_) count_alloc(c, b, bytes, /*lent=*/false);
   return b;
 }
 
@@ -86,11 +117,17 @@ void CachingAllocator::refuse(size_t bytes, uint32_t arena, uint64_t stream, con
 
 void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
   if (bytes == 0) return nullptr;
+  ThreadCache* c = nullptr;
+  if (tcache_) {  // Note [Thread caches]
+    c = my_cache(/*create=*/true);
+    if (c && bytes <= tcache_max_bytes_ && stream == 0)
+      if (void* p = cache_allocate(c, bytes)) return p;
+  }
   const uint32_t arena = arena_for(bytes);
   if (bytes > kMaxRequestBytes)  // Note [Impossible sizes]: no retry, the cache stays
     refuse(bytes, arena, stream, "The request is larger than any allocation can be (4.00 EiB).");
   if (num_pending_.load(std::memory_order_relaxed)) process_events();
-  Block* b = try_allocate(arena, bytes, stream);
+  Block* b = try_allocate(arena, bytes, stream, c);
   if (!b) {  // Note [Out of memory]
     {
       Arena& a = *arenas_[arena];
@@ -99,9 +136,10 @@ void* CachingAllocator::allocate(size_t bytes, uint64_t stream) {
     }
     if (num_pending_.load(std::memory_order_relaxed)) wait_pending();
     empty_cache();
-    b = try_allocate(arena, bytes, stream);
+    b = try_allocate(arena, bytes, stream, c);
   }
   if (!b) refuse(bytes, arena, stream, nullptr);
+  if (tcache_) maybe_trim();
   if (trace_.enabled()) trace_.record(TraceOp::kAlloc, b->addr, b->size, bytes, stream, config_.device);
   return reinterpret_cast<void*>(b->addr);
 }
@@ -122,18 +160,21 @@ bool CachingAllocator::free(void* p) {
   if (!p) return true;
   const auto addr = reinterpret_cast<uintptr_t>(p);
   uint32_t arena = 0;
-  if (arenas_.size() > 1) {
+  if (arenas_.size() > 1 || tcache_) {
     const Owner o = owners_.find(addr);
     if (!o.block) return false;
+    if (o.arena & kLentTag) return free_lent(o.block, o.arena);  // Note [Thread caches]
     arena = o.arena;
   }
   Arena& a = *arenas_[arena];
   Owner o;
   if (num_uses_.load(std::memory_order_relaxed) == 0) {  // the common case: no record_stream anywhere
+    ThreadCache* c = tcache_ ? my_cache(/*create=*/true) : nullptr;  // before the arena's lock
     std::lock_guard<std::mutex> g(a.mu);
     if (!take_owner(addr, arena, &o)) return false;
     if (trace_.enabled())
       trace_.record(TraceOp::kFree, addr, o.block->size, o.block->requested, o.block->segment->stream, config_.device);
+    if (tcache_) count_free(c, o.block, o.block->requested, /*lent=*/false);
     a.pool->free(o.block);
     return true;
   }
@@ -232,19 +273,26 @@ size_t CachingAllocator::process_events() {
 }
 
 bool CachingAllocator::owns(const void* p) const {
-  return owners_.find(reinterpret_cast<uintptr_t>(p)).block != nullptr;
+  const Owner o = owners_.find(reinterpret_cast<uintptr_t>(p));
+  if (o.block && (o.arena & kLentTag))  // a lent block is live only while a cache has handed it out
+    return __atomic_load_n(&o.block->requested, __ATOMIC_RELAXED) != 0;
+  return o.block != nullptr;
 }
 
 std::pair<size_t, size_t> CachingAllocator::block_size(const void* p) const {
   const Owner o = owners_.find(reinterpret_cast<uintptr_t>(p));
   if (!o.block) return {0, 0};
   // size and requested do not change while the block is allocated, and p is live for the caller
-  // (Note [Flat owner map]), so reading them without a lock is safe
-  return {o.block->size, o.block->requested};
+  // (Note [Flat owner map]), so reading them without a lock is safe; a lent block's requested is
+  // written by thread caches (atomically), 0 while it is idle in one (not live)
+  const size_t requested = __atomic_load_n(&o.block->requested, __ATOMIC_RELAXED);
+  if ((o.arena & kLentTag) && requested == 0) return {0, 0};
+  return {o.block->size, requested};
 }
 
 size_t CachingAllocator::empty_cache() {
   process_events();  // only what no stream can still use is released
+  drain_thread_caches();  // Note [Thread caches]
   size_t released = 0;
   for (auto& a : arenas_) {
     std::lock_guard<std::mutex> g(a->mu);
@@ -259,6 +307,37 @@ Stats CachingAllocator::stats() const {
     std::lock_guard<std::mutex> g(a->mu);
     total.merge(a->pool->stats_with_derived());
   }
+  if (tcache_) {  // Note [Thread caches]: allocation gauges from the threads' counters
+    CounterSums s;
+    {
+      std::lock_guard<std::mutex> g(caches_mu_);
+      std::lock_guard<std::mutex> og(orphan_mu_);
+      s = sum_counters();
+    }
+    auto set = [](Stat& st, const CounterSums::G& g) {
+      st.current = g.adds - g.subs;
+      st.peak = std::max(g.peak, st.current);
+      st.allocated = g.adds;
+      st.freed = g.subs;
+    };
+    set(total.allocated_bytes, s.bytes);
+    set(total.active_bytes, s.bytes);  // host allocators defer nothing: active == allocated
+    set(total.requested_bytes, s.requested);
+    set(total.allocation, s.count);
+    set(total.active, s.count);
+    total.cached_class_bytes.current -= s.lent_out_bytes;  // handed out by a cache: not cached
+    total.inactive_split_bytes.current -= s.lent_out_split_bytes;  // nor inactive
+    total.inactive_split.current -= s.lent_out_split;
+    total.num_class_hits += s.hits;
+    for (uint32_t i = 0; i < kNumSizeClasses; ++i) {
+      ClassStat& c = total.classes[i];
+      c.allocated_blocks = s.cls[i].blocks;
+      c.peak_allocated_blocks = std::max(s.cls[i].peak, s.cls[i].blocks);
+      c.requested_bytes = s.cls[i].requested;
+      c.cached_blocks -= s.cls[i].lent_out;
+      c.hits += s.cls[i].hits;
+    }
+  }
   return total;
 }
 
@@ -267,6 +346,19 @@ void CachingAllocator::reset_peaks() {
     std::lock_guard<std::mutex> g(a->mu);
     a->pool->reset_peaks();
   }
+  if (!tcache_) return;
+  // Another thread may be raising its own peak meanwhile: either store leaves a valid peak.
+  auto reset = [](ThreadCounters& k) {
+    for (ThreadGauge* g : {&k.bytes, &k.requested, &k.count})
+      g->peak.store(std::max<int64_t>(0, g->current()), std::memory_order_relaxed);
+    for (auto& c : k.cls)
+      c.peak.store(std::max<int64_t>(0, c.blocks.load(std::memory_order_relaxed)), std::memory_order_relaxed);
+  };
+  std::lock_guard<std::mutex> g(caches_mu_);
+  for (ThreadCache* c : caches_) reset(c->counters);
+  reset(retired_);
+  std::lock_guard<std::mutex> og(orphan_mu_);
+  reset(orphan_);
 }
 
 std::vector<SegmentView> CachingAllocator::snapshot() const {
@@ -274,28 +366,44 @@ std::vector<SegmentView> CachingAllocator::snapshot() const {
   for (auto& a : arenas_) {
     std::lock_guard<std::mutex> g(a->mu);
     auto v = a->pool->snapshot();
+    for (SegmentView& sv : v)
+      for (BlockView& bv : sv.blocks)  // Note [Thread caches]: handed out (requested != 0) or idle
+        if (bv.state == Block::kLent) bv.state = bv.requested ? Block::kAllocated : Block::kCached;
     out.insert(out.end(), std::make_move_iterator(v.begin()), std::make_move_iterator(v.end()));
   }
   return out;
 }
 
 void CachingAllocator::lock_all() const {
+  caches_mu_.lock();
+  for (ThreadCache* c : caches_) c->acquire();
   pending_mu_.lock();
   for (auto& a : arenas_) a->mu.lock();
   owners_.lock();
   const_cast<std::mutex&>(uses_mu_).lock();
   trace_.lock();
+  orphan_mu_.lock();
 }
 
 void CachingAllocator::unlock_all() const {
+  orphan_mu_.unlock();
   trace_.unlock();
   const_cast<std::mutex&>(uses_mu_).unlock();
   owners_.unlock();
   for (auto it = arenas_.rbegin(); it != arenas_.rend(); ++it) (*it)->mu.unlock();
   pending_mu_.unlock();
+  for (auto it = caches_.rbegin(); it != caches_.rend(); ++it) (*it)->release();
+  caches_mu_.unlock();
 }
 
 size_t CachingAllocator::live_blocks() const {
+  if (tcache_) {  // Note [Thread caches]: the threads' counters include the caches' handed-out blocks
+    std::lock_guard<std::mutex> g(caches_mu_);
+    std::lock_guard<std::mutex> og(orphan_mu_);
+    const CounterSums s = sum_counters();
+    const int64_t n = s.count.adds - s.count.subs;
+    return n < 0 ? 0 : static_cast<size_t>(n);
+  }
   size_t n = 0;
   for (auto& a : arenas_) n += a->live.load(std::memory_order_relaxed);
   return n;
@@ -339,7 +447,7 @@ std::string CachingAllocator::check() const {
   if (static_cast<int64_t>(pending) != s.active.current - s.allocation.current)
     return std::to_string(pending) + " deferred frees are pending but the arenas hold " +
            std::to_string(s.active.current - s.allocation.current) + " deferred blocks";
-  return {};
+  return check_caches();
 }
 
 std::string CachingAllocator::describe(size_t requested) const {

@@ -9,16 +9,21 @@
 //    │               (max_bytes, one limit for all arenas) when there is a limit, then in a
 //    │               TracingUpstream writing segment events to trace_ (limiting_upstream.h,
 //    │               tracing_upstream.h).
+//    ├── caches_:    the per-thread caches of size-class blocks (Note [Thread caches],
+//    │               thread_cache.h), when config.thread_cache is on; each thread finds its own
+//    │               through a thread_local slot keyed by gen_.
 //    ├── uses_:      address -> extra streams a live block was used on (record_stream); empty
 //    │               unless record_stream() was called, checked with one relaxed load on free.
 //    ├── pending_:   deferred blocks and the events they wait for (Note [Stream ordering],
 //    │               upstream.h); polled by allocate() and empty_cache().
 //    └── trace_:     the event ring (trace.h), written only while recording.
 //
-// Lock order: pending_mu_ before an arena's mutex, an arena's before the owner map's mutexes (new nodes, overflow)
+// Lock order: caches_mu_, then thread caches' busy flags (Note [Thread caches]), then pending_mu_
+// before an arena's mutex, an arena's before the owner map's mutexes (new nodes, overflow)
 // and the trace ring's (a block enters and leaves the owner map under its arena's lock); the owner
 // map's or uses_mu_ is never held while taking another lock.  lock_all() (fork, check()) takes every
-// lock in the order of Note [Fork] (fork.h): pending_mu_, arenas, owner map, uses_mu_, trace ring.
+// lock in the order of Note [Fork] (fork.h): caches_mu_, busy flags, pending_mu_, arenas, owner map,
+// uses_mu_, trace ring, orphan_mu_.
 //
 // Note [Impossible sizes]
 // -----------------------
@@ -59,6 +64,7 @@
 #include "limiting_upstream.h"
 #include "page_map.h"
 #include "pool.h"
+#include "thread_cache.h"
 #include "trace.h"
 #include "tracing_upstream.h"
 
@@ -69,6 +75,7 @@ struct AllocatorConfig {
   size_t max_bytes = 0;        // 0: no limit
   unsigned arenas = 1;
   int32_t device = -1;         // -1: host; >= 0: device ordinal (messages and traces)
+  bool thread_cache = false;   // Note [Thread caches] (thread_cache.h): host allocators only
   std::string device_name = "cpu";
 };
 
@@ -121,6 +128,17 @@ class CachingAllocator final : public ForkParticipant {
   size_t live_blocks() const;
   std::string describe(size_t requested) const;  // the state line used in OOM messages
 
+  // Note [Thread caches]: whether they are on, and every cache's blocks back to the arenas.
+  bool thread_cache() const { return tcache_; }
+  void drain_thread_caches();
+  // Bytes of the blocks idle in thread caches now (takes each cache's flag in turn).
+  size_t thread_cache_bytes() const;
+  // Process-unique id of this allocator (never reused, unlike its address).
+  uint64_t gen() const { return gen_; }
+  // Internal (a thread_local destructor calls it with the fork registry's mutex held): the thread
+  // that owns c is exiting.
+  void retire_cache_of_exiting_thread(ThreadCache* c);
+
   TraceRing& trace() { return trace_; }
   const AllocatorConfig& config() const { return config_; }
   Upstream& upstream() { return *upstream_; }
@@ -130,7 +148,7 @@ class CachingAllocator final : public ForkParticipant {
   void unlock_all() const;
   void fork_prepare() override { lock_all(); }
   void fork_parent() override { unlock_all(); }
-  void fork_child() override { unlock_all(); }
+  void fork_child() override;  // also drains the caches of threads the child does not have
 
  private:
   struct alignas(64) Arena {
@@ -145,9 +163,41 @@ class CachingAllocator final : public ForkParticipant {
     std::vector<StreamEvents::Event> events;
   };
   uint32_t arena_for(size_t bytes);
-  Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream);  // also enters the owner map
+  // Also enters the owner map; counts into c (Note [Thread caches]) when thread caches are on.
+  Block* try_allocate(uint32_t arena, size_t bytes, uint64_t stream, ThreadCache* c);
   // Removes addr from the owner map if `arena` (whose lock is held) owns it; false if not.
   bool take_owner(uintptr_t addr, uint32_t arena, Owner* out);
+
+  // ---- thread caches (allocator_tcache.cc): Note [Thread caches]
+  static constexpr uint32_t kLentTag = 0x8000;  // in the owner map's arena field: a lent block
+  ThreadCache* my_cache(bool create);
+  ThreadCache* make_cache();
+  void* cache_allocate(ThreadCache* c, size_t bytes);  // null: let the arenas serve it
+  bool free_lent(Block* b, uint32_t tagged);
+  size_t refill(ThreadCache* c, uint32_t cls);  // c's flag held
+  // Gives back blocks (idle lent blocks) to their arenas; `locked`: the caller holds every arena.
+  void give_back(Block* const* blocks, size_t n, bool locked);
+  void drain_locked(ThreadCache* c, bool arenas_locked);  // c's flag held: every bin
+  void forget_my_cache();  // the calling thread's thread_local entries for this allocator
+  static uint64_t next_gen();
+  static void fold(ThreadCounters& into, const ThreadCounters& from);
+  // Count into c's counters (c's thread is the caller), or orphan_ when c is null.
+  void count_alloc(ThreadCache* c, const Block* b, size_t bytes, bool lent);
+  void count_free(ThreadCache* c, const Block* b, size_t requested, bool lent);
+  struct CounterSums {
+    struct G {
+      int64_t adds = 0, subs = 0, peak = 0;
+    };
+    G bytes, requested, count;
+    int64_t lent_out_bytes = 0, lent_out_split_bytes = 0, lent_out_split = 0, hits = 0;
+    struct C {
+      int64_t blocks = 0, peak = 0, requested = 0, lent_out = 0, hits = 0;
+    };
+    C cls[kNumSizeClasses];
+  };
+  CounterSums sum_counters() const;  // caches_mu_ and orphan_mu_ held
+  void maybe_trim();
+  std::string check_caches() const;  // under lock_all
 
   void release_pending_locked();  // pending_mu_ held
   void wait_pending();            // waits for every pending event, then releases the blocks
@@ -166,6 +216,20 @@ class CachingAllocator final : public ForkParticipant {
   mutable std::mutex pending_mu_;
   std::vector<Pending> pending_;
   std::atomic<size_t> num_pending_{0};
+
+  bool tcache_ = false;
+  uint64_t gen_ = 0;
+  uint32_t tcache_classes_ = 0;  // classes [0, tcache_classes_) are cached
+  size_t tcache_max_bytes_ = 0;  // requests up to this may be served by a cache
+  std::vector<uint8_t> tcache_class_of_;  // (bytes + 63) / 64 -> the pool's class_for(bytes)
+  mutable std::mutex caches_mu_;  // guards caches_ and retired_
+  std::vector<ThreadCache*> caches_;
+  ThreadCounters retired_;  // folded counters of exited threads (and of caches that left at fork)
+  // Counters of operations by a thread that has no cache (its cache could not be made, or its
+  // thread_local state is being destroyed): a leaf lock, taken with an arena's held.
+  mutable std::mutex orphan_mu_;
+  ThreadCounters orphan_;
+  std::atomic<bool> trim_pending_{false};
 };
 
 // "1.50 GiB"; sizes are unsigned (a request of 2^63 bytes reads "8.00 EiB").

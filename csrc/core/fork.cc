@@ -66,6 +66,14 @@ void remove_allocator(ForkParticipant* p) {
   r.allocators.erase(std::remove(r.allocators.begin(), r.allocators.end(), p), r.allocators.end());
 }
 
+bool with_live_allocator(ForkParticipant* p, void (*fn)(ForkParticipant*, void*), void* arg) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> g(r.mu);
+  if (std::find(r.allocators.begin(), r.allocators.end(), p) == r.allocators.end()) return false;
+  fn(p, arg);
+  return true;
+}
+
 void add_outer(ForkParticipant* p, int level) {
   ensure_handlers();
   Registry& r = registry();

@@ -15,7 +15,9 @@
 // order of the whole library:
 //     outer participants by level (the torch glue's slot mutex, level 0; the Router, level 1)
 //     -> the registry mutex -> every live CachingAllocator in creation order, and inside one:
-//        pending_mu_ -> arenas (index order) -> the owner map's mutexes -> uses_mu_ -> trace ring.
+//        caches_mu_ -> every thread cache's busy flag (Note [Thread caches]) -> pending_mu_ ->
+//        arenas (index order) -> the owner map's mutexes -> uses_mu_ -> trace ring -> orphan_mu_.
+// In the child, the caches of threads that fork did not copy give their idle blocks back.
 // The owner map itself is read without locks (Note [Flat owner map], page_map.h) and written only
 // under an arena's lock, so holding the arenas freezes it.
 // parent() and child() release them in the reverse order; in the child the forking thread is the
@@ -43,6 +45,9 @@ namespace fork_safety {
 // Allocators (level 2, ordered by registration). Called by CachingAllocator's constructor/destructor.
 void add_allocator(ForkParticipant* p);
 void remove_allocator(ForkParticipant* p);
+// Runs fn() with the registry's mutex held if p is a live allocator now (Note [Thread caches]: a
+// thread's exit finds its allocators this way); returns whether it ran.  fn takes allocator locks only.
+bool with_live_allocator(ForkParticipant* p, void (*fn)(ForkParticipant*, void*), void* arg);
 // Layers above the allocators whose locks are held while allocator locks are taken: lower level first.
 void add_outer(ForkParticipant* p, int level);
 void remove_outer(ForkParticipant* p);

@@ -176,6 +176,7 @@ AllocatorConfig allocator_config(const OptionValues& v, Device device) {
   c.pool.max_reserved_ratio = v.max_reserved_ratio;
   c.max_bytes = v.max_bytes;
   c.arenas = static_cast<unsigned>(v.arenas);
+  c.thread_cache = v.thread_cache;
   c.device = -1;
   c.device_name = device == Device::kCpu ? "cpu" : "cuda";
   return c;
@@ -193,7 +194,9 @@ std::string pool_config_error(const PoolConfig& c) {
   v.max_cached_bytes = c.max_cached_bytes;
   v.max_reserved_ratio = c.max_reserved_ratio;
   for (const OptionInfo& info : option_table()) {
-    if (info.scope != OptionScope::kPool || info.id == OptionId::max_bytes || info.id == OptionId::arenas) continue;
+    if (info.scope != OptionScope::kPool || info.id == OptionId::max_bytes || info.id == OptionId::arenas ||
+        info.id == OptionId::thread_cache)
+      continue;
     const OptionValue x = get_option(v, info);
     if (!in_range(info, x))
       return "torchpool: option " + std::string(info.name) + "=" +

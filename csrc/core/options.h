@@ -68,6 +68,8 @@ inline uint64_t default_arenas() {
     "every segment")                                                                                             \
   X(arenas, kCount, kPool, kOnBoth, default_arenas(), 1, "min(4, cores) on CPU, 1 on CUDA", kRange(1, 256),      \
     "independent arenas for size-class requests; threads pick one round-robin (Note [Arenas])")                 \
+  X(thread_cache, kBool, kPool, kOnCpu, true, false, "", kAnyBool,                                              \
+    "per-thread caches of size-class blocks: small allocations and frees take no lock (Note [Thread caches])")   \
   X(size_classes, kBool, kPool, kOnBoth, true, true, "", kAnyBool,                                               \
     "serve small requests from per-class free lists (false: best fit, for comparison)")                          \
   X(max_class_bytes, kBytes, kPool, kOnBoth, PoolConfig{}.max_class_bytes, PoolConfig{}.max_class_bytes, "",     \

@@ -120,7 +120,8 @@ void Pool::account_inactive_active(Block* b) {
 
 void Pool::account_inactive(Block* b, int sign) {
   const auto size = static_cast<int64_t>(b->size);
-  if (b->is_split()) {
+  // A lent block keeps the accounting it was lent with (neighbours may change while a cache has it).
+  if (b->state == Block::kLent ? b->lent_split : b->is_split()) {
     if (sign > 0) {
       stats_.inactive_split_bytes.add(size);
       stats_.inactive_split.add(1);
@@ -405,14 +406,19 @@ size_t Pool::lend(uint32_t cls, uint64_t stream, Block** out, size_t n) {
   size_t k = 0;
   while (k < n) {
     Block* b = fl.class_head[cls];
+    const bool carved = b == nullptr;
     if (b) {
       unpark(b);  // leaves it kFree, off the list and out of the gauges
     } else {
       b = allocate_best_fit(class_bytes(cls), class_bytes(cls), stream, /*small=*/true);
       if (!b) break;
       b->cls = static_cast<int32_t>(cls);
+      stats_.num_class_misses++;  // carved for a thread cache: its first hand-out is not a hit
+      stats_.classes[cls].misses++;
     }
+    b->lent_carved = carved;
     b->state = Block::kLent;
+    b->lent_split = b->is_split();
     b->requested = 0;
     lent_bytes_ += b->size;
     account_inactive(b, +1);

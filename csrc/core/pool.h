@@ -27,8 +27,9 @@
 //               upstream.h).  Counted in active_bytes, not in allocated_bytes.  Not on any free
 //               structure, so its segment is never returned.  Pool::free() makes it kFree/kCached.
 //   kLent       a class block lent to a thread cache (Note [Lent class blocks]).  Counted as
-//               cached exactly like kCached (cached_class_bytes, inactive_split_bytes), but on no
-//               class list; size == class_bytes(cls).  Pool::take_back() parks it (kCached).
+//               cached like kCached (cached_class_bytes; inactive_split as lent_split says, its
+//               is_split() when it was lent), but on no class list; size == class_bytes(cls);
+//               requested is the cache's (0 while idle there).  Pool::take_back() parks it (kCached).
 //   For every segment:  first->addr == base,  b->next->addr == b->addr + b->size,
 //                       sum(block sizes) == size.
 //   Expandable segments: size <= reserved, base / size / reserved multiples of the upstream
@@ -43,7 +44,8 @@
 //   Gauges:  allocated_bytes == Σ size of kAllocated,  requested_bytes == Σ requested,
 //            active_bytes == allocated_bytes + Σ size of kDeferred (active == allocation + #kDeferred),
 //            reserved_bytes == Σ segment mapped,  cached_class_bytes == Σ size of kCached/kLent,
-//            inactive_split_bytes == Σ size of kFree/kCached/kLent blocks whose segment has > 1 block,
+//            inactive_split_bytes == Σ size of kFree/kCached blocks whose segment has > 1 block
+//                                    + Σ size of kLent blocks with lent_split,
 //            lent_bytes() == Σ size of kLent.
 //
 // Note [Lent class blocks]
@@ -55,8 +57,9 @@
 // counts as cached (the walk checks it); Pool::take_back() parks them again in one batch.  While a
 // block is lent the pool never merges, reclaims or returns it, so the segment that holds it stays
 // mapped: whoever holds lent blocks must give them back before empty_cache() can return their memory
-// (the thread cache's drain) and before the pool is destroyed.  The thread cache itself (handing a
-// lent block to a caller as allocated, with per-thread counters) is not built yet.
+// (the thread cache's drain) and before the pool is destroyed.  The thread cache that uses them:
+// Note [Thread caches] (thread_cache.h); it hands a lent block out by writing its `requested`, which
+// the pool only reads (check(), snapshot()).
 //
 // Note [Parked class blocks]
 // --------------------------
@@ -147,6 +150,8 @@ struct Block {
   Block* list_next = nullptr;
   int32_t cls = -1;            // size class, or -1 for a best-fit block
   State state = kFree;
+  bool lent_split = false;     // kLent: is_split() when it was lent, what its accounting used
+  bool lent_carved = false;    // kLent: carved for the lending (a class miss), not handed out since
 
   bool is_split() const { return prev != nullptr || next != nullptr; }
 };

@@ -44,9 +44,11 @@ std::vector<SegmentView> Pool::snapshot() const {
     SegmentView v{s->base, s->mapped, s->size, s->stream, s->small, s->expandable, s->reserved, {}};
     for (const Block* b = s->first; b; b = b->next) {
       const bool deferred = b->state == Block::kDeferred;
-      // A lent block shows as cached (Note [Lent class blocks]): the snapshot's states stay as they were.
-      const Block::State shown = deferred ? Block::kAllocated : b->state == Block::kLent ? Block::kCached : b->state;
-      v.blocks.push_back({b->addr, b->size, b->requested, b->cls, shown, deferred,
+      // A lent block stays kLent here; CachingAllocator::snapshot() shows it as allocated (handed out by a
+      // thread cache: requested != 0, written by that cache without the pool's lock) or cached.
+      const Block::State shown = deferred ? Block::kAllocated : b->state;
+      const size_t requested = __atomic_load_n(&b->requested, __ATOMIC_RELAXED);
+      v.blocks.push_back({b->addr, b->size, requested, b->cls, shown, deferred,
                           b->state == Block::kFree ? mapped_in(b) : b->size});
     }
     out.push_back(std::move(v));
@@ -143,7 +145,8 @@ std::string Pool::check() const {
         case Block::kLent:  // Note [Lent class blocks]: cached, on no list
           if (!s->small || b->cls < 0 || b->size != class_bytes(static_cast<uint32_t>(b->cls)))
             return fail("lent block has the wrong class or size", b);
-          if (b->requested != 0) return fail("lent block has a requested size", b);
+          // requested: 0 while idle in a thread cache, the request while the cache has handed it out
+          if (b->requested > b->size) return fail("lent block with bad requested size", b);
           want.cached_class_bytes.current += size;
           lent += b->size;
           break;
@@ -157,7 +160,8 @@ std::string Pool::check() const {
           break;
         }
       }
-      if ((b->state == Block::kFree || b->state == Block::kCached || b->state == Block::kLent) && b->is_split()) {
+      if (((b->state == Block::kFree || b->state == Block::kCached) && b->is_split()) ||
+          (b->state == Block::kLent && b->lent_split)) {
         want.inactive_split_bytes.current += size;
         want.inactive_split.current += 1;
       }

@@ -178,6 +178,12 @@ const std::vector<TorchpoolMode>& torchpool_modes() {
                  "expandable_segments=0 and max_reserved_ratio=0: keeps every segment it mapped (torchpool before the "
                  "reserve target)", Device::kCpu, v});
     v = cpu;
+    v.thread_cache = !cpu.thread_cache;  // Note [Thread caches]: the CPU default with the other choice
+    m.push_back({cpu.thread_cache ? "torchpool-no-thread-cache" : "torchpool-thread-cache",
+                 cpu.thread_cache ? "the CPU default with thread_cache=0: every request takes its arena's lock"
+                                  : "the CPU default with thread_cache=1: per-thread caches of size-class blocks",
+                 Device::kCpu, v});
+    v = cpu;
     v.size_classes = false;
     m.push_back({"torchpool-bestfit", "the CPU default with size_classes=0: best fit for every size", Device::kCpu, v});
     m.push_back({"torchpool-cuda", "the CUDA default: 512 B alignment, one cuMemAlloc per 2 MiB-rounded segment, one arena",

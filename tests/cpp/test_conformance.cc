@@ -229,10 +229,13 @@ TEST_CASE("conformance: the upstream contract, for every upstream and adaptor") 
 }
 
 TEST_CASE("conformance: a caching allocator over every upstream and adaptor") {
-  for (const Subject& s : subjects()) {
+  for (const Subject& s : subjects())
+  for (bool tcache : {false, true}) {  // Note [Thread caches]: the same contract with them on
     if (!runnable(s)) continue;
     CAPTURE(s.name);
+    CAPTURE(tcache);
     AllocatorConfig cfg;
+    cfg.thread_cache = tcache;
     auto a = std::make_unique<CachingAllocator>(s.make(), cfg);
 
     SUBCASE("zero bytes is nullptr and freeing nullptr is a no-op") {

@@ -31,9 +31,10 @@ int scale() {
   return s ? std::max(1, std::atoi(s)) : 1;
 }
 
-std::shared_ptr<CachingAllocator> make(unsigned arenas, bool host) {
+std::shared_ptr<CachingAllocator> make(unsigned arenas, bool host, bool tcache = false) {
   AllocatorConfig c;
   c.arenas = arenas;
+  c.thread_cache = tcache;
   std::shared_ptr<Upstream> up;
   if (host) {
     HostVmmOptions o;
@@ -72,8 +73,11 @@ size_t random_size(std::mt19937_64& rng) {
 }  // namespace
 
 TEST_CASE("stress: one allocator, every entry point from several threads") {
-  for (bool host : {false, true}) {
-    auto a = make(2, host);
+  for (bool host : {false, true})
+  for (bool tcache : {false, true}) {  // Note [Thread caches]
+    CAPTURE(host);
+    CAPTURE(tcache);
+    auto a = make(2, host, tcache);
     Bag bag;
     std::atomic<bool> stop{false};
     std::atomic<int> violations{0};
@@ -145,7 +149,7 @@ TEST_CASE("stress: router install / uninstall cycles while threads allocate and 
   });
   const int cycles = 150 * scale();
   for (int i = 0; i < cycles; ++i) {
-    r.install(make(1 + i % 2, true));  // real addresses: fake upstreams of two allocators overlap
+    r.install(make(1 + i % 2, true, i % 4 < 2));  // real addresses: fake upstreams of two allocators overlap
     std::this_thread::yield();
     if (i % 3 == 0) r.uninstall();
   }
@@ -222,7 +226,9 @@ TEST_CASE("router: more than kSlots allocators owning blocks is a clear error, n
 }
 
 TEST_CASE("fork: a child forked while threads allocate can allocate (Note [Fork])") {
-  auto a = make(2, true);
+  for (bool tcache : {false, true}) {
+  CAPTURE(tcache);
+  auto a = make(2, true, tcache);
   std::atomic<bool> stop{false};
   std::vector<std::thread> workers;
   for (int t = 0; t < 2; ++t) {
@@ -267,4 +273,5 @@ TEST_CASE("fork: a child forked while threads allocate can allocate (Note [Fork]
   for (auto& w : workers) w.join();
   CHECK(hangs == 0);
   CHECK(failures == 0);
+  }
 }
