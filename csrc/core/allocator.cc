@@ -88,9 +88,10 @@ uint32_t CachingAllocator::arena_for(size_t bytes) {
 Block* CachingAllocator::try_allocate(uint32_t arena, size_t bytes, uint64_t stream, ThreadCache* c) {
   Arena& a = *arenas_[arena];
   std::lock_guard<std::mutex> g(a.mu);
-  const int64_t releases = a.pool->stats().num_target_releases;
+  const uint64_t shortfalls = a.pool->target_shortfalls();
   Block* b = a.pool->allocate(bytes, stream);
-  if (tcache_ && a.pool->stats().num_target_releases != releases)  // Note [Thread caches]: trim them too
+  // Note [Thread caches]: the reserve target came back short while caches hold blocks: drain them
+  if (tcache_ && a.pool->target_shortfalls() != shortfalls && a.pool->lent_bytes())
     trim_pending_.store(true, std::memory_order_relaxed);
   if (!b) return nullptr;
   // Into the owner map before the arena lock goes: lock_all() never sees it half-way.

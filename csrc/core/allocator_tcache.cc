@@ -226,7 +226,7 @@ size_t CachingAllocator::refill(ThreadCache* c, uint32_t cls) {
   const size_t want = bin.batch;
   bin.batch = std::min(bin.batch * 2, std::max<uint32_t>(1, bin.cap / 2));
   std::lock_guard<std::mutex> g(a.mu);
-  const int64_t releases = a.pool->stats().num_target_releases;
+  const uint64_t shortfalls = a.pool->target_shortfalls();
   Block** out = bin.items + bin.n;
   size_t k = a.pool->lend(cls, 0, out, want);
   for (size_t i = 0; i < k; ++i)
@@ -235,7 +235,7 @@ size_t CachingAllocator::refill(ThreadCache* c, uint32_t cls) {
       k = i;
       break;
     }
-  if (a.pool->stats().num_target_releases != releases) trim_pending_.store(true, std::memory_order_relaxed);
+  if (a.pool->target_shortfalls() != shortfalls) trim_pending_.store(true, std::memory_order_relaxed);
   bin.n += static_cast<uint32_t>(k);
   return k;
 }

@@ -432,6 +432,7 @@ void Pool::take_back(Block* const* blocks, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     Block* b = blocks[i];
     TP_ASSERT(b->state == Block::kLent);
+    ++frees_;  // a later reserve-target search may find more now
     account_inactive(b, -1);
     lent_bytes_ -= b->size;
     park(b);

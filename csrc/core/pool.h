@@ -235,6 +235,9 @@ class Pool {
   // Takes kLent blocks back: each is parked on its class list (kCached).
   void take_back(Block* const* blocks, size_t n);
   size_t lent_bytes() const { return lent_bytes_; }
+  // Times the reserve target could not return what it wanted (Note [Reserve target]); the thread
+  // caches' owner drains them when this moves while blocks are lent.
+  uint64_t target_shortfalls() const { return target_shortfalls_; }
 
   // Merge parked class blocks, then return entirely free segments and the free chunks of expandable
   // segments to the upstream (largest first, until target_bytes).
@@ -319,6 +322,7 @@ class Pool {
   uint64_t fruitless_at_ = ~uint64_t{0};
   uint64_t next_segment_id_ = 0;
   size_t lent_bytes_ = 0;  // Σ size of kLent blocks: Note [Lent class blocks]
+  uint64_t target_shortfalls_ = 0;
   std::unordered_map<uint64_t, FreeLists> streams_;
   uint64_t last_stream_ = ~uint64_t{0};
   FreeLists* last_lists_ = nullptr;

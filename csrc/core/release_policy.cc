@@ -38,7 +38,10 @@ size_t Pool::make_room(size_t need, size_t incoming) {
   stats_.num_target_releases++;
   const size_t want = static_cast<size_t>(have - target) + 1;
   const size_t got = release_free(want);
-  if (got < want) fruitless_at_ = frees_;
+  if (got < want) {
+    fruitless_at_ = frees_;
+    ++target_shortfalls_;  // blocks lent to thread caches may be what holds the rest: Note [Thread caches]
+  }
   return got;
 }
 

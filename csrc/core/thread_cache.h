@@ -29,8 +29,10 @@
 // peaks: exact for a program whose allocations and frees come from one thread, an upper bound
 // otherwise (as for several arenas, Note [Arenas]).  Blocks idle in a cache count as cached.
 // Where a cache's blocks go back: a full bin (half of it), empty_cache() and the out-of-memory retry
-// (every cache of the allocator, foreign ones included), the reserve target (an arena that had to
-// return memory before mapping more asks every cache to drain: Note [Reserve target]), the thread's
+// (every cache of the allocator, foreign ones included), the reserve target (when it could not return
+// as much as it wanted while blocks were lent, every cache is drained, so that the next search can
+// merge their blocks: Note [Reserve target]; draining at every release thrashed the caches of a
+// replayed CNN inference for nothing), the thread's
 // exit (a thread_local destructor, which finds the allocator alive by its generation under the fork
 // registry's mutex), fork() (the child drains the caches of the threads it does not have), and the
 // allocator's destructor.  Bound: a bin holds at most max(4, min(64, 32 KiB / class bytes)) blocks

@@ -215,7 +215,7 @@ TEST_CASE("thread cache: out of memory drains every cache before it gives up") {
   CHECK(a->check() == "");
 }
 
-TEST_CASE("thread cache: the reserve target drains idle caches when it has to return memory") {
+TEST_CASE("thread cache: the reserve target drains idle caches when it cannot return what it wants without them") {
   auto a = make(true, 1, 0, nullptr, 0);  // ordinary segments: a larger block needs a new one
   std::mutex mu;
   std::condition_variable cv;
