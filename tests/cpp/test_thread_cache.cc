@@ -53,6 +53,24 @@ std::vector<void*> workload(CachingAllocator& a, uint64_t seed, int steps, bool 
   return live;
 }
 
+// A handshake between the test and a thread it parks: phase(n) announces n, wait(n) waits for it.
+struct Phases {
+  std::mutex mu;
+  std::condition_variable cv;
+  int now = 0;
+  void phase(int n) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      now = n;
+    }
+    cv.notify_all();
+  }
+  void wait(int n) {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return now == n; });
+  }
+};
+
 }  // namespace
 
 TEST_CASE("thread cache: one thread's statistics are exactly those without the cache, peaks included") {
@@ -146,34 +164,22 @@ TEST_CASE("thread cache: frees from another thread land in that thread's cache; 
 
 TEST_CASE("thread cache: a thread's exit gives its cached blocks back; empty_cache drains a sleeping thread's") {
   auto a = make(true);
-  std::mutex mu;
-  std::condition_variable cv;
-  int phase = 0;
+  Phases ph;
   std::thread t([&] {
     std::vector<void*> ps;
     for (int i = 0; i < 300; ++i) ps.push_back(a->allocate(512 + (i % 7) * 512));
     for (void* p : ps) a->free(p);
-    std::unique_lock<std::mutex> lk(mu);
-    phase = 1;
-    cv.notify_all();
-    cv.wait(lk, [&] { return phase == 2; });  // idle, with a full cache, while the main thread drains it
-    lk.unlock();
+    ph.phase(1);
+    ph.wait(2);  // idle, with a full cache, while the main thread drains it
     for (int i = 0; i < 100; ++i) a->free(a->allocate(1000));  // the cache works after the drain
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return phase == 1; });
-  }
+  ph.wait(1);
   CHECK(a->thread_cache_bytes() > 0);
   CHECK(a->check() == "");
   a->empty_cache();
   CHECK(a->thread_cache_bytes() == 0);
   CHECK(a->stats().reserved_bytes.current == 0);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    phase = 2;
-  }
-  cv.notify_all();
+  ph.phase(2);
   t.join();
   CHECK(a->thread_cache_bytes() == 0);  // the thread's exit drained what it cached after
   CHECK(a->check() == "");
@@ -184,96 +190,63 @@ TEST_CASE("thread cache: a thread's exit gives its cached blocks back; empty_cac
 TEST_CASE("thread cache: out of memory drains every cache before it gives up") {
   std::shared_ptr<FakeUpstream> up;
   auto a = make(true, 1, 4u << 20, &up);  // max_bytes: two 2 MiB segments
-  std::mutex mu;
-  std::condition_variable cv;
-  int phase = 0;
+  Phases ph;
   std::thread t([&] {
     std::vector<void*> ps;
     for (int i = 0; i < 64; ++i) ps.push_back(a->allocate(1024));
     for (void* p : ps) a->free(p);  // some stay in this thread's cache, keeping a small segment
-    std::unique_lock<std::mutex> lk(mu);
-    phase = 1;
-    cv.notify_all();
-    cv.wait(lk, [&] { return phase == 2; });
+    ph.phase(1);
+    ph.wait(2);
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return phase == 1; });
-  }
+  ph.wait(1);
   CHECK(a->thread_cache_bytes() > 0);
   void* big = a->allocate(4u << 20);  // only fits if the other thread's cache gives its segment back
   CHECK(big != nullptr);
   CHECK(a->stats().num_alloc_retries == 1);
   CHECK(a->thread_cache_bytes() == 0);
   a->free(big);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    phase = 2;
-  }
-  cv.notify_all();
+  ph.phase(2);
   t.join();
   CHECK(a->check() == "");
 }
 
 TEST_CASE("thread cache: the reserve target drains idle caches when it cannot return what it wants without them") {
   auto a = make(true, 1, 0, nullptr, 0);  // ordinary segments: a larger block needs a new one
-  std::mutex mu;
-  std::condition_variable cv;
-  int phase = 0;
+  Phases ph;
   std::thread t([&] {
     std::vector<void*> ps;
     for (int i = 0; i < 64; ++i) ps.push_back(a->allocate(4096));
     for (void* p : ps) a->free(p);
-    std::unique_lock<std::mutex> lk(mu);
-    phase = 1;
-    cv.notify_all();
-    cv.wait(lk, [&] { return phase == 2; });
+    ph.phase(1);
+    ph.wait(2);
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return phase == 1; });
-  }
+  ph.wait(1);
   REQUIRE(a->thread_cache_bytes() > 0);
   // Demand that changes shape: each size is freed before a larger one is asked for, so the target
   // (Note [Reserve target]) returns free memory before mapping more.
   for (size_t mb = 8; mb <= 64 && a->stats().num_target_releases == 0; mb += 8) a->free(a->allocate(mb << 20));
   CHECK(a->stats().num_target_releases > 0);
   CHECK(a->thread_cache_bytes() == 0);  // the other thread's idle blocks went back with it
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    phase = 2;
-  }
-  cv.notify_all();
+  ph.phase(2);
   t.join();
   CHECK(a->check() == "");
 }
 
 TEST_CASE("thread cache: an allocator may die before the threads that cached its blocks, and ids are not reused") {
-  std::mutex mu;
-  std::condition_variable cv;
-  int phase = 0;
+  Phases ph;
   auto a = make(true);
   std::thread t([&] {
     for (int i = 0; i < 50; ++i) a->free(a->allocate(256));  // a cache of `a` in this thread
-    std::unique_lock<std::mutex> lk(mu);
-    phase = 1;
-    cv.notify_all();
-    cv.wait(lk, [&] { return phase == 2; });
+    ph.phase(1);
+    ph.wait(2);
     for (int i = 0; i < 50; ++i) a->free(a->allocate(256));  // `a` is a new allocator now
   });
-  {
-    std::unique_lock<std::mutex> lk(mu);
-    cv.wait(lk, [&] { return phase == 1; });
-  }
+  ph.wait(1);
   const uint64_t old_gen = a->gen();
   a.reset();  // the thread still has an entry for it
   a = make(true);  // possibly at the same address
   CHECK(a->gen() != old_gen);
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    phase = 2;
-  }
-  cv.notify_all();
+  ph.phase(2);
   t.join();  // its exit must skip the dead allocator and retire the live one's cache (ASan: no use after free)
   CHECK(a->thread_cache_bytes() == 0);
   CHECK(a->stats().allocation.current == 0);
