@@ -36,7 +36,7 @@
 // exit (a thread_local destructor, which finds the allocator alive by its generation under the fork
 // registry's mutex), fork() (the child drains the caches of the threads it does not have), and the
 // allocator's destructor.  Bound: a bin holds at most max(4, min(64, 32 KiB / class bytes)) blocks
-// (ThreadCache::capacity), about 1.3 MiB per thread and allocator at the default 16 KiB classes.
+// (ThreadCache::capacity): 1167 blocks, 1.49 MiB per thread and allocator at the default 16 KiB classes.
 #pragma once
 
 #include <pthread.h>
