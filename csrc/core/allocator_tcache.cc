@@ -23,27 +23,35 @@ struct TlsSlot {
 };
 thread_local TlsSlot t_slot{0, nullptr, false};
 
-struct RetireArg {
-  uint64_t gen;
-  ThreadCache* cache;
-};
+// Runs fn(allocator) with the fork registry's mutex held if e's allocator is still alive: not
+// destroyed, and not another allocator at the same address (the generation decides).  Returns whether
+// it was.
+template <class F>
+bool with_entry_allocator(const TlsEntry& e, F&& fn) {
+  struct Arg {
+    uint64_t gen;
+    F* fn;
+    bool live;
+  } arg{e.gen, &fn, false};
+  fork_safety::with_live_allocator(
+      e.alloc,
+      [](ForkParticipant* p, void* a) {
+        auto* r = static_cast<Arg*>(a);
+        auto* alloc = static_cast<CachingAllocator*>(p);
+        if (alloc->gen() != r->gen) return;
+        r->live = true;
+        (*r->fn)(alloc);
+      },
+      &arg);
+  return arg.live;
+}
 
 struct TlsList {
   std::vector<TlsEntry> entries;
   ~TlsList() {
     t_slot = {0, nullptr, true};
-    for (const TlsEntry& e : entries) {
-      RetireArg arg{e.gen, e.cache};
-      // The allocator may be gone (or another may live at its address): the registry decides.
-      fork_safety::with_live_allocator(
-          e.alloc,
-          [](ForkParticipant* p, void* a) {
-            auto* alloc = static_cast<CachingAllocator*>(p);
-            auto* r = static_cast<RetireArg*>(a);
-            if (alloc->gen() == r->gen) alloc->retire_cache_of_exiting_thread(r->cache);
-          },
-          &arg);
-    }
+    for (const TlsEntry& e : entries)
+      with_entry_allocator(e, [&e](CachingAllocator* a) { a->retire_cache_of_exiting_thread(e.cache); });
   }
 };
 thread_local TlsList t_list;
@@ -77,19 +85,8 @@ ThreadCache* CachingAllocator::make_cache() {
   auto& v = t_list.entries;
   if (v.size() >= 8) {
     std::vector<TlsEntry> keep;
-    for (const TlsEntry& e : v) {
-      bool live = false;
-      RetireArg arg{e.gen, nullptr};
-      fork_safety::with_live_allocator(
-          e.alloc,
-          [](ForkParticipant* p, void* a) {
-            auto* r = static_cast<RetireArg*>(a);
-            if (static_cast<CachingAllocator*>(p)->gen() == r->gen) r->cache = reinterpret_cast<ThreadCache*>(1);
-          },
-          &arg);
-      live = arg.cache != nullptr;
-      if (live) keep.push_back(e);
-    }
+    for (const TlsEntry& e : v)
+      if (with_entry_allocator(e, [](CachingAllocator*) {})) keep.push_back(e);
     v = std::move(keep);
   }
   v.push_back({this, gen_, c});
