@@ -252,7 +252,7 @@ sys.path.insert(0, %r)
 import hostile_traces as H
 from torchpool.tracing import trace as T
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for name in ("snapshot_memo_index", "snapshot_binbytes8_huge"):
+for name in ("snapshot_memo_index", "snapshot_binbytes8_huge", "snapshot_bytearray8_huge"):
     try:
         T.loads(H.cases()[name][0])
     except T.TraceFormatError:

@@ -92,6 +92,8 @@ def cases() -> dict[str, tuple[bytes, str]]:
     # found by fuzz_trace.py: a memo index of 808215909 made the C unpickler allocate 12 GiB
     c["snapshot_memo_index"] = (b"\x80\x04]\x94r\x65\x65\x2c\x30.", r"not a PyTorch memory snapshot")
     c["snapshot_binbytes8_huge"] = (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"ab.", r"not a readable pickle")
+    # found by fuzz_trace.py: BYTEARRAY8 of 4 GiB in 15 bytes (the Python unpickler allocated it first)
+    c["snapshot_bytearray8_huge"] = (b"\x80\x05\x96" + struct.pack("<Q", 1 << 32) + b"ab.", r"not a readable pickle")
     c["snapshot_truncated"] = (snapshot([ev()])[:-7], r"not a readable pickle")
     # item 9 / item 5: native records and header
     c["native_size_2_64_minus_100"] = (native([record(0, size=big), record(1, size=big)]),

@@ -47,6 +47,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import sys
 import time
 import traceback
@@ -494,8 +495,11 @@ _PT_IGNORED = {"free_requested", "snapshot", "empty_cache", "user_defined"}
 # It subclasses the pure-Python pickle._Unpickler, not the C one: the C unpickler sizes its memo
 # array by the largest index a PUT names, so a 5-byte LONG_BINPUT 808215909 made it allocate and
 # clear 12 GiB (found by tests/fuzz/fuzz_trace.py; corpus file snapshot_memo_index); the Python one
-# keeps the memo in a dict and reads every length-prefixed argument from the data it has.  It is
-# about 3x slower (a 16 MB snapshot of 100k events: ~4 s here against ~1.5 s).
+# keeps the memo in a dict and reads every length-prefixed argument from the data it has, except
+# BYTEARRAY8 (protocol 5), which allocates the length it declares before reading: a 15-byte pickle
+# declaring 4 GiB exhausted the fuzzer's memory (corpus file snapshot_bytearray8_huge), so that opcode
+# is read like the others here.  It is about 3x slower (a 16 MB snapshot of 100k events: ~4 s here
+# against ~1.5 s).
 # Limitation: unpickled objects still cost memory, several times the pickle (up to ~40x for
 # crafted ones), bounded through max_pickle_bytes (Note [Trace limits]).
 def _latin1_encode(obj, encoding="utf-8", errors="strict"):
@@ -529,6 +533,16 @@ class _SnapshotUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused a persistent id (snapshots hold none)")
+
+    def _load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)  # only what the pickle holds, never the declared length up front
+        if len(data) != n:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 declares {n} bytes but the pickle holds {len(data)}")
+        self.append(bytearray(data))
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
 
 def safe_unpickle(path, data: bytes):
